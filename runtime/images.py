@@ -1,0 +1,46 @@
+"""Model-space images <-> uint8 pictures and PNG grids (NumPy + Pillow only)."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runtime.fileio import atomic_write_bytes
+
+
+def to_uint8(samples: np.ndarray, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """N x C x H x W floats in `data_range` -> N x H x W x C uint8 (the layout image evaluators read)."""
+    lo, hi = data_range
+    scaled = (np.asarray(samples, dtype=np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile N x H x W x C uint8 images into one H' x W' x C picture with `pad` black pixels between."""
+    n, h, w, c = images.shape
+    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((pad + nrows * (h + pad), pad + ncols * (w + pad), c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def save_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
+    """Write an H x W x C (C in 1, 3) uint8 picture as PNG, atomically."""
+    pic = picture[..., 0] if picture.shape[-1] == 1 else picture
+    buf = io.BytesIO()
+    Image.fromarray(pic).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_grid(path: str | os.PathLike, samples: np.ndarray, ncols: int | None = None) -> Path:
+    """N x C x H x W model-space samples in [-1, 1] -> PNG grid at `path`."""
+    return save_png(path, make_grid(to_uint8(samples), ncols))

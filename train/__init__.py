@@ -1,0 +1,1 @@
+"""Training side of ddpm-deploy: the eps-UNet, datasets, trainer, checkpoints and the eager reference sampler."""

@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup.sh dev
+# The C++ example (tests/test_cpp_host.py builds it with examples/cpp/build.sh) needs a compiler and CMake.
+if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends cmake g++ >/dev/null
+fi
 rc=0
 .venv/bin/python -m pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

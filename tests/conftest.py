@@ -33,3 +33,14 @@ def make_random_checkpoint(path: Path, preset: str = "tiny", channels: int = 1, 
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny preset, 1 x 32 x 32, linear schedule with T = 1000, random weights."""
     return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ddpm-export` run on `tiny_checkpoint`: model.onnx, model.fp16.onnx, model.step.onnx and a passing
+    validation.json (batches 1..4), no TensorRT plan. Treat as read-only: it is shared by the whole session."""
+    from ddpm_export.pipeline import export_all
+
+    out = tmp_path_factory.mktemp("export")
+    export_all(tiny_checkpoint, out, fp16=True, step_graph=True, max_batch=4, validate=True, engine=False)
+    return out

@@ -1,0 +1,107 @@
+"""`ddpm-export`: checkpoint -> validated ONNX files (+ a TensorRT engine where TensorRT and a GPU exist).
+
+    ddpm-export CKPT [options]                  export (the default command; `ddpm-export export CKPT` also works)
+    ddpm-export build-engine MODEL.fp16.onnx    build a TensorRT plan later, on a GPU host
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.errors import DDPMError
+
+EXIT_ERROR = 2  # bad input or environment
+EXIT_VALIDATION = 1  # export ran but the graphs do not match the model
+
+
+class _ExportByDefault(click.Group):
+    """Route `ddpm-export CKPT ...` to the `export` command while keeping `build-engine` a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ExportByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Export a ddpm-train checkpoint to ONNX (FP32, FP16, one-step graph) and optionally a TensorRT engine."""
+
+
+def _batch_options(f):
+    f = click.option("--opt-batch", type=int, default=None, help="TensorRT profile's optimal batch [max batch]")(f)
+    f = click.option("--min-batch", type=int, default=1, show_default=True, help="smallest batch for TensorRT")(f)
+    return f
+
+
+@cli.command("export")
+@click.argument("ckpt", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="output folder  [default: <checkpoint folder>/export]")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="also write the mixed-precision FP16 ONNX")
+@click.option("--step-graph/--no-step-graph", default=True, show_default=True,
+              help="also write the one-step sampler graph (x_t, t, noise -> x_prev)")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18)")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="largest batch validated and put in the TensorRT profile")
+@_batch_options
+@click.option("--engine/--no-engine", default=None,
+              help="build the TensorRT engine: --engine requires it, --no-engine skips it  [default: if possible]")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="check the graphs numerically")
+@click.option("--force", is_flag=True, help="overwrite existing outputs")
+def export_cmd(ckpt: Path, out_dir: Path | None, fp16: bool, step_graph: bool, opset: int, max_batch: int,
+               min_batch: int, opt_batch: int | None, engine: bool | None, validate: bool, force: bool) -> None:
+    """Export CKPT (a .pt written by ddpm-train)."""
+    from ddpm_export.pipeline import export_all
+
+    written = export_all(ckpt, out_dir or ckpt.parent / "export", fp16=fp16, step_graph=step_graph,
+                         max_batch=max_batch, opset=opset, validate=validate, engine=engine, force=force,
+                         min_batch=min_batch, opt_batch=opt_batch)
+    for key, path in written.items():
+        click.echo(f"{key:>10}: {path}")
+
+
+@cli.command("build-engine")
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--plan", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="engine file  [default: MODEL with .onnx replaced by .plan]")
+@click.option("--max-batch", type=int, default=None, help="largest batch  [default: the export's max batch]")
+@_batch_options
+@click.option("--opt-level", type=int, default=3, show_default=True, help="builder optimization level 0..5")
+@click.option("--force", is_flag=True, help="overwrite an existing engine")
+def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_batch: int, opt_batch: int | None,
+                     opt_level: int, force: bool) -> None:
+    """Build a TensorRT engine from MODEL (model.fp16.onnx) on this GPU."""
+    from ddpm_export.engine import build_engine
+    from ddpm_export.onnx_io import load_onnx, read_info
+    from ddpm_export.pipeline import check_batch_range
+
+    if max_batch is None:
+        max_batch = int(read_info(load_onnx(model), str(model)).extra.get("max_batch", 64))
+    profile = check_batch_range(min_batch, opt_batch, max_batch)
+    plan = plan or model.with_name(model.name.removesuffix(".onnx") + ".plan")
+    for key, path in build_engine(model, plan, profile, optimization_level=opt_level, force=force).items():
+        click.echo(f"{key:>10}: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: a DDPMError becomes `error: <message>` on stderr and a non-zero exit, no traceback."""
+    from ddpm_export.pipeline import ValidationFailed
+
+    try:
+        cli.main(args=argv, prog_name="ddpm-export", standalone_mode=False)
+    except ValidationFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_VALIDATION)
+    except DDPMError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)

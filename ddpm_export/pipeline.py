@@ -1,0 +1,170 @@
+"""The whole export: checkpoint -> FP32 / FP16 / step-graph ONNX -> validation report -> optional TensorRT plan.
+
+Outputs are staged in a hidden folder inside the output folder and renamed into place together after validation,
+so an interrupted run leaves earlier outputs untouched and the report always describes the files beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+from tqdm import tqdm
+
+from ddpm_export import engine as trt_engine
+from ddpm_export.fp16 import convert_to_fp16
+from ddpm_export.onnx_export import MIN_OPSET, export_module, sample_inputs
+from ddpm_export.onnx_io import check_graph, external_data_path, save_onnx, set_metadata
+from ddpm_export.step_graph import StepModule
+from ddpm_export.trt_support import tensorrt_readiness
+from ddpm_export.validate import Tolerances, failures, validate_export
+from runtime.engine_info import sidecar_path
+from runtime.errors import DDPMError
+from runtime.fileio import check_writable, file_sha256
+from runtime.metadata import ModelInfo, info_from_checkpoint_dict
+from train.checkpoint import load_checkpoint
+
+FILENAMES = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "step": "model.step.onnx",
+             "validation": "validation.json", "plan": "model.fp16.plan"}
+
+
+class ValidationFailed(DDPMError):
+    """The exported graphs do not match the model within tolerance; the report says where."""
+
+
+def check_batch_range(min_batch: int, opt_batch: int | None, max_batch: int) -> tuple[int, int, int]:
+    """(min, opt, max) of the dynamic batch; opt defaults to max (the batch a sampler usually runs)."""
+    if max_batch < 1:
+        raise DDPMError(f"--max-batch must be >= 1, got {max_batch}")
+    if not 1 <= min_batch <= max_batch:
+        raise DDPMError(f"--min-batch must be between 1 and --max-batch ({max_batch}), got {min_batch}")
+    opt = max_batch if opt_batch is None else opt_batch
+    if not min_batch <= opt <= max_batch:
+        raise DDPMError(f"--opt-batch must be between --min-batch ({min_batch}) and --max-batch ({max_batch}), "
+                        f"got {opt}")
+    return min_batch, opt, max_batch
+
+
+def planned_outputs(out_dir: Path, fp16: bool, step_graph: bool, validate: bool, engine: bool) -> dict[str, Path]:
+    keys = ["onnx"] + ["fp16"] * fp16 + ["step"] * step_graph + ["validation"] * validate
+    out = {k: out_dir / FILENAMES[k] for k in keys}
+    if engine:
+        out["plan"] = out_dir / FILENAMES["plan"]
+        out["plan_info"] = sidecar_path(out["plan"])
+    return out
+
+
+def _prepare_out_dir(out_dir: Path, targets: dict[str, Path], force: bool) -> None:
+    """Create the folder and refuse (before any work) to clobber any of the outputs unasked."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DDPMError(f"--out-dir {out_dir} is a file; give a folder")
+    if not out_dir.exists():
+        if not out_dir.parent.is_dir():
+            raise DDPMError(f"cannot create {out_dir}: folder {out_dir.parent} does not exist; create it first")
+        try:
+            out_dir.mkdir()
+        except OSError as exc:
+            raise DDPMError(f"cannot create {out_dir}: {exc.strerror}; choose another --out-dir") from None
+    existing = [p.name for p in targets.values() if p.exists()]
+    if existing and not force:
+        raise DDPMError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite or choose "
+                        "another --out-dir")
+    for path in targets.values():
+        check_writable(path, force=True)
+
+
+def _finish(model: onnx.ModelProto, info: ModelInfo, path: Path) -> Path:
+    model = check_graph(set_metadata(model, info), path.name)
+    return save_onnx(model, path)
+
+
+def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = True,
+               step_graph: bool = True, max_batch: int = 64, opset: int = 18, validate: bool = True,
+               engine: bool | None = None, force: bool = False, min_batch: int = 1,
+               opt_batch: int | None = None) -> dict[str, Path]:
+    """Export everything; `engine`: None builds a TensorRT plan if TensorRT and a GPU are present, True requires
+    it, False skips it. Returns the written files by key (onnx, fp16, step, validation, plan, plan_info)."""
+    profile = check_batch_range(min_batch, opt_batch, max_batch)
+    if opset < MIN_OPSET:
+        raise DDPMError(f"--opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
+    if engine and not fp16:
+        raise DDPMError("--engine builds from the FP16 ONNX; drop --no-fp16")
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    engine_missing = trt_engine.missing_reason() if fp16 and engine is not False else None
+    if engine and engine_missing:
+        raise DDPMError(f"--engine was requested but {engine_missing}; run without --engine to export the ONNX "
+                        "files only")
+    targets = planned_outputs(out_dir, fp16, step_graph, validate, fp16 and engine is not False and not engine_missing)
+    _prepare_out_dir(out_dir, targets, force)
+
+    base = info_from_checkpoint_dict(ckpt.model_config.to_dict(), ckpt.diffusion_config, ckpt.data,
+                                     file_sha256(ckpt_path))
+    extra = {"max_batch": str(max_batch), "opset": str(opset), "exporter": "torch.onnx dynamo"}
+    eps_info = dataclasses.replace(base, extra=extra)
+    model = ckpt.ema_model()
+    T = ckpt.diffusion_config.num_timesteps
+    stages = ["eps"] + ["fp16"] * fp16 + ["step"] * step_graph + ["validate"] * validate
+    written: dict[str, Path] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp, \
+            tqdm(total=len(stages), desc="export", unit="stage") as bar:
+        staged = Path(tmp)
+        bar.set_postfix_str("FP32 eps graph")
+        eps_model = export_module(model, sample_inputs(base.image_shape, T), ["eps"], opset)
+        _finish(eps_model, eps_info, staged / FILENAMES["onnx"])
+        bar.update()
+        if fp16:
+            bar.set_postfix_str("FP16 eps graph")
+            _finish(convert_to_fp16(eps_model), dataclasses.replace(eps_info, precision="fp16"),
+                    staged / FILENAMES["fp16"])
+            bar.update()
+        if step_graph:
+            bar.set_postfix_str("step graph")
+            step_info = dataclasses.replace(eps_info, kind="step", inputs=("x_t", "t", "noise"),
+                                            outputs=("x_prev",))
+            step_model = export_module(StepModule(model, ckpt.diffusion_config),
+                                       sample_inputs(base.image_shape, T, noise=True), ["x_prev"], opset)
+            _finish(step_model, step_info, staged / FILENAMES["step"])
+            bar.update()
+        if validate:
+            bar.set_postfix_str("validation")
+            report = _validation_report(eps_info, model, staged, fp16, step_graph, max_batch)
+            report["export_seconds"] = round(time.perf_counter() - start, 2)
+            (staged / FILENAMES["validation"]).write_text(json.dumps(report, indent=2))
+            bar.update()
+        for key in ("onnx", "fp16", "step", "validation"):
+            if key in targets:
+                for src in (staged / FILENAMES[key], external_data_path(staged / FILENAMES[key])):
+                    if src.exists():
+                        os.replace(src, out_dir / src.name)
+                written[key] = targets[key]
+    if validate and not report["passed"]:
+        raise ValidationFailed(f"validation failed for {', '.join(failures(report))}; see "
+                               f"{written['validation']}")
+    if validate and not all(r["ready"] for r in report["tensorrt_readiness"].values()):
+        tqdm.write(f"warning: not every graph is TensorRT-ready; see {written['validation']}")
+    if "plan" in targets:
+        written.update(trt_engine.build_engine(written["fp16"], targets["plan"], profile, force=True))
+    elif fp16 and engine is None:
+        tqdm.write(f"TensorRT engine skipped ({engine_missing}); build it later on a GPU host with "
+                   f"`ddpm-export build-engine {written['fp16']}`")
+    return written
+
+
+def _validation_report(info: ModelInfo, model: Any, staged: Path, fp16: bool, step_graph: bool,
+                       max_batch: int) -> dict[str, Any]:
+    paths = {k: staged / FILENAMES[k] for k in ("onnx", "fp16", "step")}
+    report = validate_export(info, model, paths["onnx"], paths["fp16"] if fp16 else None,
+                             paths["step"] if step_graph else None, max_batch, Tolerances())
+    report["source_sha256"] = info.source_sha256
+    report["files"] = {p.name: file_sha256(p) for p in paths.values() if p.exists()}
+    report["tensorrt_readiness"] = {p.name: tensorrt_readiness(onnx.load(p, load_external_data=False))
+                                    for p in paths.values() if p.exists()}
+    return report

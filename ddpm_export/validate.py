@@ -1,0 +1,182 @@
+"""Numerical validation of the exported graphs with Polygraphy's Comparator.
+
+Three comparisons on the same seeded inputs (batch sizes 1, 3 and the max; timesteps 0, T/2, T-1; x_t scaled x5
+for large activations): eager PyTorch vs FP32 ONNX Runtime, FP16 vs FP32 ONNX Runtime, and the step graph vs
+NumPy `runtime.steps.ddpm_step` applied to the FP32 eps graph's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy import comparator as pg_comparator
+from polygraphy.comparator import Comparator
+from polygraphy.logger import G_LOGGER
+from tqdm import tqdm
+
+from runtime.metadata import ModelInfo
+from runtime.schedule import Schedule
+from runtime.steps import DDPMCoefficients, ddpm_step
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """eps is noise-like (zero mean, unit scale, many values near 0), so relative error per element is meaningless:
+    absolute bounds decide (Polygraphy's rtol is set to 0), plus the relative L2 norm for FP16."""
+
+    fp32_max_abs: float = 1e-4  # eager vs FP32 ONNX, worst element
+    fp16_mean_abs: float = 1e-2  # FP16 vs FP32 ONNX, mean over elements
+    fp16_rel_l2: float = 1e-2  # FP16 vs FP32 ONNX, ||a - b|| / ||b||
+    step_max_abs: float = 1e-4  # step graph vs NumPy ddpm_step, worst element
+
+
+@dataclass
+class Case:
+    name: str
+    t: list[int]
+    input_scale: float
+    results: dict[str, dict[str, float | bool]] = field(default_factory=dict)
+
+
+class FunctionRunner(BaseRunner):
+    """A Polygraphy runner around a Python function (the eager torch model, the NumPy reference step)."""
+
+    def __init__(self, name: str, fn: Callable[[Feed], Feed], inputs: dict[str, tuple[Any, list]]):
+        super().__init__(name=name)
+        self.fn, self.inputs = fn, inputs
+
+    def activate_impl(self) -> None:
+        pass
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name, (dtype, shape) in self.inputs.items():
+            meta.add(name, dtype, shape)
+        return meta
+
+    def infer_impl(self, feed_dict: Feed) -> Feed:
+        import time
+
+        start = time.perf_counter()
+        out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.fn(feed_dict).items()}
+        self.inference_time = time.perf_counter() - start
+        return out
+
+
+def make_cases(info: ModelInfo, max_batch: int, seed: int = 0) -> tuple[list[Case], list[Feed]]:
+    """Seeded inputs covering batch 1, 3 and max, t = 0, T/2, T-1, and a large-activation case."""
+    T = info.diffusion.num_timesteps
+    rng = np.random.default_rng(seed)
+    specs = [("b1_t0", [0], 1.0), ("b1_tmid", [T // 2], 1.0), ("b1_tlast", [T - 1], 1.0)]
+    if max_batch >= 3:
+        specs.append(("b3_mixed", [0, T // 2, T - 1], 1.0))
+    if max_batch > 3:
+        specs.append((f"b{max_batch}_spread", np.linspace(0, T - 1, max_batch).round().astype(int).tolist(), 1.0))
+    specs.append(("x5_large", [0, T - 1][:max_batch] if max_batch >= 2 else [T - 1], 5.0))
+    cases, feeds = [], []
+    for name, t, scale in specs:
+        shape = (len(t), *info.image_shape)
+        feeds.append({"x_t": (scale * rng.standard_normal(shape)).astype(np.float32),
+                      "t": np.asarray(t, dtype=np.int64),
+                      "noise": rng.standard_normal(shape).astype(np.float32)})
+        cases.append(Case(name, list(t), scale))
+    return cases, feeds
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm((a - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-12))
+
+
+def _accuracy(results: Any, pair: tuple[int, int], atol: float, stat: str, output: str) -> dict[str, Any]:
+    """Polygraphy's verdict and error statistics for one runner pair of one Comparator.run."""
+    simple = getattr(pg_comparator, "SimpleCompareFunc", None) or pg_comparator.CompareFunc.simple  # < 0.53
+    accuracy = Comparator.compare_accuracy(results, comparisons=[pair],
+                                           compare_func=simple(atol=atol, rtol=0.0, check_error_stat=stat))[0]
+    outcome = next(iter(accuracy.values()))[0][output]
+    return {"max_abs": outcome.max_absdiff, "mean_abs": outcome.mean_absdiff, "passed": bool(outcome)}
+
+
+def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp16_path: Path | None,
+                    step_path: Path | None, max_batch: int, tol: Tolerances = Tolerances()) -> dict[str, Any]:
+    """Run every comparison; return the report (JSON-ready) with per-case errors and an overall verdict."""
+    cases, feeds = make_cases(info, max_batch)
+    image = list(info.image_shape)
+    eps_inputs = {"x_t": (np.float32, ["batch", *image]), "t": (np.int64, ["batch"])}
+
+    def eager(feed: Feed) -> Feed:
+        with torch.no_grad():
+            return {"eps": model(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])).numpy()}
+
+    fp32_sess = _session(onnx_path)
+    coeff = DDPMCoefficients.tables(Schedule.from_config(info.diffusion), info.diffusion.variance_type)
+
+    def numpy_step(feed: Feed) -> Feed:
+        eps = fp32_sess.run(["eps"], {"x_t": feed["x_t"], "t": feed["t"]})[0]
+        c = DDPMCoefficients(*(np.asarray(v)[feed["t"]].reshape(-1, 1, 1, 1) for v in asdict(coeff).values()))
+        return {"x_prev": ddpm_step(feed["x_t"].astype(np.float64), eps.astype(np.float64),
+                                    feed["noise"].astype(np.float64), c, info.diffusion.clip_denoised)}
+
+    eps_runners: list[BaseRunner] = [FunctionRunner("pytorch-eager", eager, eps_inputs),
+                                     OnnxrtRunner(fp32_sess, name="onnxrt-fp32")]
+    if fp16_path is not None:
+        eps_runners.append(OnnxrtRunner(_session(fp16_path), name="onnxrt-fp16"))
+    step_runners: list[BaseRunner] = []
+    if step_path is not None:
+        step_inputs = {**eps_inputs, "noise": (np.float32, ["batch", *image])}
+        step_runners = [OnnxrtRunner(_session(step_path), name="onnxrt-step"),
+                        FunctionRunner("numpy-ddpm_step", numpy_step, step_inputs)]
+
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        for case, feed in zip(tqdm(cases, desc="validating", unit="case", leave=False), feeds):
+            eps_feed = {"x_t": feed["x_t"], "t": feed["t"]}
+            results = Comparator.run(eps_runners, data_loader=[eps_feed])
+            case.results["eager_vs_fp32"] = _accuracy(results, (0, 1), tol.fp32_max_abs, "max", "eps")
+            if fp16_path is not None:
+                res16 = _accuracy(results, (1, 2), tol.fp16_mean_abs, "mean", "eps")
+                ref, out16 = (results[name][0]["eps"] for name in ("onnxrt-fp32", "onnxrt-fp16"))
+                res16["rel_l2"] = _rel_l2(out16, ref)
+                res16["passed"] = bool(res16["passed"] and res16["rel_l2"] <= tol.fp16_rel_l2)
+                case.results["fp16_vs_fp32"] = res16
+            if step_runners:
+                results = Comparator.run(step_runners, data_loader=[feed])
+                case.results["step_vs_numpy"] = _accuracy(results, (0, 1), tol.step_max_abs, "max", "x_prev")
+
+    def worst(check: str, key: str) -> float | None:
+        values = [c.results[check][key] for c in cases if check in c.results]
+        return max(values) if values else None
+
+    passed = all(r["passed"] for c in cases for r in c.results.values())
+    return {
+        "passed": passed,
+        "tolerances": asdict(tol),
+        "summary": {"eager_vs_fp32_max_abs": worst("eager_vs_fp32", "max_abs"),
+                    "fp16_vs_fp32_rel_l2": worst("fp16_vs_fp32", "rel_l2"),
+                    "fp16_vs_fp32_max_abs": worst("fp16_vs_fp32", "max_abs"),
+                    "step_vs_numpy_max_abs": worst("step_vs_numpy", "max_abs")},
+        "cases": [asdict(c) for c in cases],
+    }
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """'case/check' names that failed, for the one-line error."""
+    return [f"{c['name']}/{check}" for c in report["cases"] for check, r in c["results"].items() if not r["passed"]]

@@ -1,6 +1,10 @@
 """ddpm-deploy's lean runtime: NumPy schedule math, samplers and inference backends (no PyTorch)."""
 
+from runtime.backends import open_model
 from runtime.errors import DDPMError
+from runtime.noise import chain_noise
+from runtime.samplers import Chain, sample
 from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule, space_timesteps
 
-__all__ = ["DDPMError", "DiffusionConfig", "Schedule", "sampling_schedule", "space_timesteps"]
+__all__ = ["Chain", "DDPMError", "DiffusionConfig", "Schedule", "chain_noise", "open_model", "sample",
+           "sampling_schedule", "space_timesteps"]

@@ -1,0 +1,88 @@
+"""Host-side noise in one documented order, so a seed gives the same samples on every backend and batch size.
+
+Order: image i (counted over the whole run, not the batch) has its own generator `numpy.random.default_rng([seed,
+i])`. It first draws x_T, then one noise array per sampling step taken, the last step (t = 0) included (it is scaled
+by zero there, see `runtime.steps`), each as `standard_normal((C, H, W), dtype=float32)`.
+
+Noise file (written by `ddpm-run --save-noise`, read by `--noise` and by the C++ host): a float32 `.npy` of shape
+[K+1, N, C, H, W]; index 0 is x_T, index 1+j the noise of the j-th step taken (j = 0 is the first step, t = T-1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.errors import DDPMError
+from runtime.fileio import atomic_write
+
+
+class NoiseSource(Protocol):
+    """Gives the chain's noise for one batch, one [B, C, H, W] float32 array per call: x_T first, then per step."""
+
+    def draw(self) -> np.ndarray: ...
+
+
+class SeededNoise:
+    """Noise for images start..start+n-1 of a run seeded with `seed`, drawn lazily (memory: one batch)."""
+
+    def __init__(self, seed: int, start: int, n: int, image_shape: tuple[int, int, int]):
+        if seed < 0:
+            raise DDPMError(f"seed must be >= 0, got {seed}")
+        self.rngs = [np.random.default_rng([seed, i]) for i in range(start, start + n)]
+        self.image_shape = tuple(image_shape)
+
+    def draw(self) -> np.ndarray:
+        return np.stack([rng.standard_normal(self.image_shape, dtype=np.float32) for rng in self.rngs])
+
+
+class InjectedNoise:
+    """Noise read from a [K+1, N, C, H, W] array (or memory-mapped file), images start..start+n-1."""
+
+    def __init__(self, noise: np.ndarray, start: int, n: int):
+        self.noise, self.start, self.n, self.next = noise, start, n, 0
+
+    def draw(self) -> np.ndarray:
+        if self.next >= len(self.noise):
+            raise DDPMError(f"injected noise has {len(self.noise)} entries but the chain asked for more")
+        out = np.array(self.noise[self.next, self.start:self.start + self.n], dtype=np.float32)  # writable copy
+        self.next += 1
+        return out
+
+
+def chain_noise(seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int, start: int = 0) -> np.ndarray:
+    """The [K+1, n, C, H, W] noise a seeded run uses for images start..start+n-1 and K = `num_steps` steps."""
+    source = SeededNoise(seed, start, n, image_shape)
+    return np.stack([source.draw() for _ in range(num_steps + 1)])
+
+
+def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int) -> Path:
+    """Write the noise file of a seeded run, streaming one step at a time (memory: one step of all N images)."""
+    shape = (num_steps + 1, n, *image_shape)
+
+    def write(f) -> None:  # type: ignore[no-untyped-def]
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        source = SeededNoise(seed, 0, n, image_shape)
+        for _ in range(num_steps + 1):
+            f.write(source.draw().astype("<f4", copy=False).tobytes())
+
+    return atomic_write(path, write)
+
+
+def load_noise(path: str | os.PathLike, n: int, image_shape: tuple[int, int, int], num_steps: int) -> np.ndarray:
+    """Memory-map a noise file and check it fits the run; a wrong file gives a one-line DDPMError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DDPMError(f"noise file {path} not found")
+    try:
+        noise = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DDPMError(f"{path} is not a readable .npy noise file ({exc})") from None
+    want = (num_steps + 1, n, *image_shape)
+    if noise.dtype != np.float32 or noise.shape != want:
+        raise DDPMError(f"noise file {path} holds {noise.dtype} {list(noise.shape)}, this run needs float32 "
+                        f"{list(want)} ([steps+1, n, C, H, W])")
+    return noise

@@ -1,4 +1,4 @@
-"""The whole export: checkpoint -> FP32 / FP16 / step-graph ONNX -> validation report -> optional TensorRT plan.
+"""The whole export: checkpoint -> FP32 / FP16 eps and step ONNX -> validation report -> optional TensorRT plan.
 
 Outputs are staged in a hidden folder inside the output folder and renamed into place together after validation,
 so an interrupted run leaves earlier outputs untouched and the report always describes the files beside it.
@@ -21,7 +21,7 @@ from ddpm_export import engine as trt_engine
 from ddpm_export.fp16 import convert_to_fp16
 from ddpm_export.onnx_export import MIN_OPSET, export_module, sample_inputs
 from ddpm_export.onnx_io import check_graph, external_data_path, save_onnx, set_metadata
-from ddpm_export.step_graph import StepModule
+from ddpm_export.step_graph import compose_step_graph, export_update
 from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
@@ -31,7 +31,8 @@ from runtime.metadata import ModelInfo, info_from_checkpoint_dict
 from train.checkpoint import load_checkpoint
 
 FILENAMES = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "step": "model.step.onnx",
-             "validation": "validation.json", "plan": "model.fp16.plan"}
+             "fp16_step": "model.fp16.step.onnx", "validation": "validation.json", "plan": "model.fp16.plan"}
+GRAPHS = ("onnx", "fp16", "step", "fp16_step")
 
 
 class ValidationFailed(DDPMError):
@@ -52,7 +53,8 @@ def check_batch_range(min_batch: int, opt_batch: int | None, max_batch: int) -> 
 
 
 def planned_outputs(out_dir: Path, fp16: bool, step_graph: bool, validate: bool, engine: bool) -> dict[str, Path]:
-    keys = ["onnx"] + ["fp16"] * fp16 + ["step"] * step_graph + ["validation"] * validate
+    keys = ["onnx"] + ["fp16"] * fp16 + ["step"] * step_graph + ["fp16_step"] * (fp16 and step_graph)
+    keys += ["validation"] * validate
     out = {k: out_dir / FILENAMES[k] for k in keys}
     if engine:
         out["plan"] = out_dir / FILENAMES["plan"]
@@ -120,18 +122,21 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
         eps_model = export_module(model, sample_inputs(base.image_shape, T), ["eps"], opset)
         _finish(eps_model, eps_info, staged / FILENAMES["onnx"])
         bar.update()
+        eps16_model = None
         if fp16:
             bar.set_postfix_str("FP16 eps graph")
-            _finish(convert_to_fp16(eps_model), dataclasses.replace(eps_info, precision="fp16"),
-                    staged / FILENAMES["fp16"])
+            eps16_model = convert_to_fp16(eps_model)
+            _finish(eps16_model, dataclasses.replace(eps_info, precision="fp16"), staged / FILENAMES["fp16"])
             bar.update()
         if step_graph:
-            bar.set_postfix_str("step graph")
+            bar.set_postfix_str("step graphs")
             step_info = dataclasses.replace(eps_info, kind="step", inputs=("x_t", "t", "noise"),
                                             outputs=("x_prev",))
-            step_model = export_module(StepModule(model, ckpt.diffusion_config),
-                                       sample_inputs(base.image_shape, T, noise=True), ["x_prev"], opset)
-            _finish(step_model, step_info, staged / FILENAMES["step"])
+            update = export_update(ckpt.diffusion_config, base.image_shape, opset)
+            _finish(compose_step_graph(eps_model, update), step_info, staged / FILENAMES["step"])
+            if eps16_model is not None:
+                _finish(compose_step_graph(eps16_model, update), dataclasses.replace(step_info, precision="fp16"),
+                        staged / FILENAMES["fp16_step"])
             bar.update()
         if validate:
             bar.set_postfix_str("validation")
@@ -139,7 +144,7 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
             report["export_seconds"] = round(time.perf_counter() - start, 2)
             (staged / FILENAMES["validation"]).write_text(json.dumps(report, indent=2))
             bar.update()
-        for key in ("onnx", "fp16", "step", "validation"):
+        for key in (*GRAPHS, "validation"):
             if key in targets:
                 for src in (staged / FILENAMES[key], external_data_path(staged / FILENAMES[key])):
                     if src.exists():
@@ -160,9 +165,10 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
 
 def _validation_report(info: ModelInfo, model: Any, staged: Path, fp16: bool, step_graph: bool,
                        max_batch: int) -> dict[str, Any]:
-    paths = {k: staged / FILENAMES[k] for k in ("onnx", "fp16", "step")}
+    paths = {k: staged / FILENAMES[k] for k in GRAPHS}
     report = validate_export(info, model, paths["onnx"], paths["fp16"] if fp16 else None,
-                             paths["step"] if step_graph else None, max_batch, Tolerances())
+                             paths["step"] if step_graph else None, max_batch, Tolerances(),
+                             fp16_step_path=paths["fp16_step"] if fp16 and step_graph else None)
     report["source_sha256"] = info.source_sha256
     report["files"] = {p.name: file_sha256(p) for p in paths.values() if p.exists()}
     report["tensorrt_readiness"] = {p.name: tensorrt_readiness(onnx.load(p, load_external_data=False))

@@ -1,8 +1,9 @@
 """Numerical validation of the exported graphs with Polygraphy's Comparator.
 
-Three comparisons on the same seeded inputs (batch sizes 1, 3 and the max; timesteps 0, T/2, T-1; x_t scaled x5
-for large activations): eager PyTorch vs FP32 ONNX Runtime, FP16 vs FP32 ONNX Runtime, and the step graph vs
-NumPy `runtime.steps.ddpm_step` applied to the FP32 eps graph's output.
+Comparisons on the same seeded inputs (batch sizes 1, 3 and the max; timesteps 0, T/2, T-1; x_t scaled x5 for
+large activations): eager PyTorch vs FP32 ONNX Runtime, FP16 vs FP32 ONNX Runtime, each step graph vs NumPy
+`runtime.steps.ddpm_step` applied to the output of the eps graph of its precision (checks the float32 update
+exactly), and the FP16 step graph vs the FP32 one (the FP16 error as a sampler sees it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Tolerances:
     fp32_max_abs: float = 1e-4  # eager vs FP32 ONNX, worst element
     fp16_mean_abs: float = 1e-2  # FP16 vs FP32 ONNX, mean over elements
     fp16_rel_l2: float = 1e-2  # FP16 vs FP32 ONNX, ||a - b|| / ||b||
-    step_max_abs: float = 1e-4  # step graph vs NumPy ddpm_step, worst element
+    step_max_abs: float = 1e-4  # step graph vs NumPy ddpm_step on the same precision's eps, worst element
 
 
 @dataclass
@@ -116,9 +117,22 @@ def _accuracy(results: Any, pair: tuple[int, int], atol: float, stat: str, outpu
     return {"max_abs": outcome.max_absdiff, "mean_abs": outcome.mean_absdiff, "passed": bool(outcome)}
 
 
+def _fp16_accuracy(results: Any, pair: tuple[int, int], names: tuple[str, str], output: str,
+                   tol: Tolerances) -> dict[str, Any]:
+    """FP16 vs FP32: mean absolute error and relative L2 norm, both within the FP16 tolerances."""
+    res = _accuracy(results, pair, tol.fp16_mean_abs, "mean", output)
+    out16, ref = (results[name][0][output] for name in names)
+    res["rel_l2"] = _rel_l2(out16, ref)
+    res["passed"] = bool(res["passed"] and res["rel_l2"] <= tol.fp16_rel_l2)
+    return res
+
+
 def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp16_path: Path | None,
-                    step_path: Path | None, max_batch: int, tol: Tolerances = Tolerances()) -> dict[str, Any]:
-    """Run every comparison; return the report (JSON-ready) with per-case errors and an overall verdict."""
+                    step_path: Path | None, max_batch: int, tol: Tolerances = Tolerances(), *,
+                    fp16_step_path: Path | None = None) -> dict[str, Any]:
+    """Run every comparison; return the report (JSON-ready) with per-case errors and an overall verdict.
+
+    The FP16 step graph is compared only together with the FP16 eps graph and the FP32 step graph."""
     cases, feeds = make_cases(info, max_batch)
     image = list(info.image_shape)
     eps_inputs = {"x_t": (np.float32, ["batch", *image]), "t": (np.int64, ["batch"])}
@@ -130,36 +144,44 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
     fp32_sess = _session(onnx_path)
     coeff = DDPMCoefficients.tables(Schedule.from_config(info.diffusion), info.diffusion.variance_type)
 
-    def numpy_step(feed: Feed) -> Feed:
-        eps = fp32_sess.run(["eps"], {"x_t": feed["x_t"], "t": feed["t"]})[0]
-        c = DDPMCoefficients(*(np.asarray(v)[feed["t"]].reshape(-1, 1, 1, 1) for v in asdict(coeff).values()))
-        return {"x_prev": ddpm_step(feed["x_t"].astype(np.float64), eps.astype(np.float64),
-                                    feed["noise"].astype(np.float64), c, info.diffusion.clip_denoised)}
+    def numpy_step(eps_sess: ort.InferenceSession) -> Callable[[Feed], Feed]:
+        def run(feed: Feed) -> Feed:
+            eps = eps_sess.run(["eps"], {"x_t": feed["x_t"], "t": feed["t"]})[0]
+            c = DDPMCoefficients(*(np.asarray(v)[feed["t"]].reshape(-1, 1, 1, 1) for v in asdict(coeff).values()))
+            return {"x_prev": ddpm_step(feed["x_t"].astype(np.float64), eps.astype(np.float64),
+                                        feed["noise"].astype(np.float64), c, info.diffusion.clip_denoised)}
+        return run
 
     eps_runners: list[BaseRunner] = [FunctionRunner("pytorch-eager", eager, eps_inputs),
                                      OnnxrtRunner(fp32_sess, name="onnxrt-fp32")]
-    if fp16_path is not None:
-        eps_runners.append(OnnxrtRunner(_session(fp16_path), name="onnxrt-fp16"))
+    fp16_sess = _session(fp16_path) if fp16_path is not None else None
+    if fp16_sess is not None:
+        eps_runners.append(OnnxrtRunner(fp16_sess, name="onnxrt-fp16"))
     step_runners: list[BaseRunner] = []
+    step_inputs = {**eps_inputs, "noise": (np.float32, ["batch", *image])}
     if step_path is not None:
-        step_inputs = {**eps_inputs, "noise": (np.float32, ["batch", *image])}
         step_runners = [OnnxrtRunner(_session(step_path), name="onnxrt-step"),
-                        FunctionRunner("numpy-ddpm_step", numpy_step, step_inputs)]
+                        FunctionRunner("numpy-ddpm_step", numpy_step(fp32_sess), step_inputs)]
+    if fp16_step_path is not None and fp16_sess is not None and step_runners:
+        step_runners += [OnnxrtRunner(_session(fp16_step_path), name="onnxrt-fp16-step"),
+                         FunctionRunner("numpy-ddpm_step-fp16-eps", numpy_step(fp16_sess), step_inputs)]
+    fp16_step = len(step_runners) == 4  # the FP16 pair follows the FP32 pair
 
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         for case, feed in zip(tqdm(cases, desc="validating", unit="case", leave=False), feeds):
             eps_feed = {"x_t": feed["x_t"], "t": feed["t"]}
             results = Comparator.run(eps_runners, data_loader=[eps_feed])
             case.results["eager_vs_fp32"] = _accuracy(results, (0, 1), tol.fp32_max_abs, "max", "eps")
-            if fp16_path is not None:
-                res16 = _accuracy(results, (1, 2), tol.fp16_mean_abs, "mean", "eps")
-                ref, out16 = (results[name][0]["eps"] for name in ("onnxrt-fp32", "onnxrt-fp16"))
-                res16["rel_l2"] = _rel_l2(out16, ref)
-                res16["passed"] = bool(res16["passed"] and res16["rel_l2"] <= tol.fp16_rel_l2)
-                case.results["fp16_vs_fp32"] = res16
+            if fp16_sess is not None:
+                case.results["fp16_vs_fp32"] = _fp16_accuracy(results, (1, 2), ("onnxrt-fp16", "onnxrt-fp32"),
+                                                              "eps", tol)
             if step_runners:
                 results = Comparator.run(step_runners, data_loader=[feed])
                 case.results["step_vs_numpy"] = _accuracy(results, (0, 1), tol.step_max_abs, "max", "x_prev")
+            if fp16_step:
+                case.results["fp16_step_vs_numpy"] = _accuracy(results, (2, 3), tol.step_max_abs, "max", "x_prev")
+                case.results["fp16_step_vs_fp32_step"] = _fp16_accuracy(
+                    results, (0, 2), ("onnxrt-fp16-step", "onnxrt-step"), "x_prev", tol)
 
     def worst(check: str, key: str) -> float | None:
         values = [c.results[check][key] for c in cases if check in c.results]
@@ -172,7 +194,10 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
         "summary": {"eager_vs_fp32_max_abs": worst("eager_vs_fp32", "max_abs"),
                     "fp16_vs_fp32_rel_l2": worst("fp16_vs_fp32", "rel_l2"),
                     "fp16_vs_fp32_max_abs": worst("fp16_vs_fp32", "max_abs"),
-                    "step_vs_numpy_max_abs": worst("step_vs_numpy", "max_abs")},
+                    "step_vs_numpy_max_abs": worst("step_vs_numpy", "max_abs"),
+                    "fp16_step_vs_numpy_max_abs": worst("fp16_step_vs_numpy", "max_abs"),
+                    "fp16_step_vs_fp32_step_rel_l2": worst("fp16_step_vs_fp32_step", "rel_l2"),
+                    "fp16_step_vs_fp32_step_max_abs": worst("fp16_step_vs_fp32_step", "max_abs")},
         "cases": [asdict(c) for c in cases],
     }
 

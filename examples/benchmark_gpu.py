@@ -47,14 +47,9 @@ def fp16_matmul_tflops(torch) -> float:  # type: ignore[no-untyped-def]
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """A random-weight CIFAR-10 checkpoint and its export (FP32, FP16, FP32 and FP16 step graphs)."""
-    import dataclasses
-
-    import onnx
     import torch
 
-    from ddpm_export.fp16 import convert_to_fp16
-    from ddpm_export.onnx_io import read_info, save_onnx, set_metadata
-    from ddpm_export.pipeline import export_all
+    from ddpm_export.pipeline import FILENAMES, export_all
     from runtime.schedule import DiffusionConfig
     from train.checkpoint import Checkpoint, save_checkpoint
     from train.model import UNet, preset_config
@@ -68,14 +63,14 @@ def prepare(work: Path) -> tuple[Path, Path]:
                                          model=state, data={"dataset": "random", "image_size": 32, "channels": 3,
                                                             "data_range": [-1.0, 1.0]}))
     out = work / "export"
-    if not (out / "model.step.onnx").exists():
+    graphs = [out / FILENAMES[k] for k in ("onnx", "fp16", "step", "fp16_step")]
+    if not all(p.exists() for p in graphs):
         export_all(ckpt, out, fp16=True, step_graph=True, max_batch=64, validate=False, engine=False, force=True)
-    step16 = out / "model.fp16.step.onnx"
-    if not step16.exists():
-        step = onnx.load(out / "model.step.onnx")
-        info = dataclasses.replace(read_info(step, "model.step.onnx"), precision="fp16")
-        save_onnx(set_metadata(convert_to_fp16(step), info), step16)
-    return ckpt, out / "model.onnx"
+    missing = [p.name for p in graphs if not p.exists()]
+    if missing:
+        fail(f"the export in {out} lacks {', '.join(missing)}; this ddpm-export version does not write the FP16 "
+             "step graph, so the FP16 rows would not run the device step graph")
+    return ckpt, graphs[0]
 
 
 def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:

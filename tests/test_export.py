@@ -1,4 +1,4 @@
-"""Export pipeline on the tiny preset: graphs, metadata, FP16 precision islands, step graph, validation report."""
+"""Export pipeline on the tiny preset: graphs, metadata, FP16 precision islands, step graphs, validation report."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ddpm_export.validate import failures, validate_export
 from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
 from runtime.schedule import DiffusionConfig, Schedule
-from runtime.steps import DDPMCoefficients
+from runtime.steps import DDPMCoefficients, ddpm_step
 from train.checkpoint import load_checkpoint
 
 
@@ -38,7 +38,8 @@ def test_every_graph_is_self_describing(tiny_export_dir: Path, tiny_checkpoint: 
     sha = file_sha256(tiny_checkpoint)
     expected = {"model.onnx": ("eps", "fp32", ("x_t", "t"), ("eps",)),
                 "model.fp16.onnx": ("eps", "fp16", ("x_t", "t"), ("eps",)),
-                "model.step.onnx": ("step", "fp32", ("x_t", "t", "noise"), ("x_prev",))}
+                "model.step.onnx": ("step", "fp32", ("x_t", "t", "noise"), ("x_prev",)),
+                "model.fp16.step.onnx": ("step", "fp16", ("x_t", "t", "noise"), ("x_prev",))}
     for name, (kind, precision, inputs, outputs) in expected.items():
         model = onnx.load(tiny_export_dir / name)
         info = read_info(model, name)
@@ -46,6 +47,7 @@ def test_every_graph_is_self_describing(tiny_export_dir: Path, tiny_checkpoint: 
         assert info.source_sha256 == sha and info.image_shape == (1, 32, 32)
         assert info.diffusion == DiffusionConfig() and info.extra["max_batch"] == "4"
         assert [i.name for i in model.graph.input] == list(inputs)
+        assert [o.name for o in model.graph.output] == list(outputs)
         for value in list(model.graph.input) + list(model.graph.output):
             assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
             assert value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
@@ -114,6 +116,53 @@ def test_fp16_conversion_removes_lossy_round_trips(tiny_export_dir: Path) -> Non
     assert len(model.metadata_props) == len(half.metadata_props)  # the input model is left untouched
 
 
+def _update_tables(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The initializers the step update Gathers by t: the schedule tables."""
+    weights = {i.name: i for i in model.graph.initializer}
+    return {n.input[0]: weights[n.input[0]] for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in weights and len(weights[n.input[0]].dims) == 1}
+
+
+def test_fp16_step_graph_keeps_the_update_in_float32(tiny_export_dir: Path) -> None:
+    """Float16 tables would put sqrt(1/ac) ~ 157 and sqrt(1/ac - 1) in x0 = a x_t - b eps with 3-digit precision."""
+    model = onnx.load(tiny_export_dir / "model.fp16.step.onnx")
+    types = _elem_types(model)
+    tables = _update_tables(model)
+    diffusion = read_info(model, "model.fp16.step.onnx").diffusion
+    expected = DDPMCoefficients.tables(Schedule.from_config(diffusion), diffusion.variance_type)
+    assert len(tables) == 5
+    assert {onnx.numpy_helper.to_array(w).astype(np.float64).tobytes() for w in tables.values()} == {
+        np.asarray(v, dtype=np.float32).astype(np.float64).tobytes() for v in vars(expected).values()}
+    assert all(w.data_type == onnx.TensorProto.FLOAT for w in tables.values())
+    downstream = set(tables)  # every tensor computed from the tables, up to x_prev: the update, all float32
+    for node in model.graph.node:  # nodes are in topological order
+        if downstream.intersection(node.input):
+            downstream.update(node.output)
+            assert all(types[o] == onnx.TensorProto.FLOAT for o in node.output), node.name
+    assert "x_prev" in downstream and len(downstream) > 15
+    assert any(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in model.graph.node if n.op_type == "Conv")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp16_step_graph_matches_numpy_step_on_its_eps(tiny_export_dir: Path, batch: int) -> None:
+    step16, eps16 = _session(tiny_export_dir / "model.fp16.step.onnx"), _session(tiny_export_dir / "model.fp16.onnx")
+    step32 = _session(tiny_export_dir / "model.step.onnx")
+    diffusion = read_info(onnx.load(tiny_export_dir / "model.fp16.step.onnx"), "step").diffusion
+    tables = DDPMCoefficients.tables(Schedule.from_config(diffusion), diffusion.variance_type)
+    for t in (0, 500, 999):
+        feed = _inputs(batch, [t] * batch, seed=t)
+        feed["x_t"] *= 3.0
+        feed["noise"] = np.random.default_rng(t + 1).standard_normal(feed["x_t"].shape).astype(np.float32)
+        x16 = step16.run(["x_prev"], feed)[0]
+        assert x16.dtype == np.float32 and x16.shape == (batch, 1, 32, 32)
+        eps = eps16.run(["eps"], {"x_t": feed["x_t"], "t": feed["t"]})[0].astype(np.float64)
+        c = DDPMCoefficients(*(np.asarray(v)[feed["t"]].reshape(-1, 1, 1, 1) for v in vars(tables).values()))
+        ref = ddpm_step(feed["x_t"].astype(np.float64), eps, feed["noise"].astype(np.float64), c, True)
+        assert np.abs(x16 - ref).max() <= 1e-4, t
+        x32 = step32.run(["x_prev"], feed)[0]
+        assert 0 < np.linalg.norm(x16 - x32) / np.linalg.norm(x32) <= 1e-2, t  # FP16 UNet inside, so not equal
+
+
 def test_validation_report_passes_and_records_errors(tiny_export_dir: Path) -> None:
     report = json.loads((tiny_export_dir / "validation.json").read_text())
     assert report["passed"] and not failures(report)
@@ -124,7 +173,11 @@ def test_validation_report_passes_and_records_errors(tiny_export_dir: Path) -> N
     summary = report["summary"]
     assert 0 < summary["eager_vs_fp32_max_abs"] <= 1e-4
     assert 0 < summary["fp16_vs_fp32_rel_l2"] <= 1e-2
-    assert summary["step_vs_numpy_max_abs"] <= 1e-4
+    assert summary["step_vs_numpy_max_abs"] <= 1e-4 and summary["fp16_step_vs_numpy_max_abs"] <= 1e-4
+    assert 0 < summary["fp16_step_vs_fp32_step_rel_l2"] <= 1e-2
+    assert all("fp16_step_vs_numpy" in case["results"] for case in report["cases"])
+    assert set(report["tensorrt_readiness"]) == {"model.onnx", "model.fp16.onnx", "model.step.onnx",
+                                                 "model.fp16.step.onnx"}
     assert all(r["ready"] for r in report["tensorrt_readiness"].values())
     assert report["files"]["model.onnx"] == file_sha256(tiny_export_dir / "model.onnx")
 

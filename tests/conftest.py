@@ -37,8 +37,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`ddpm-export` run on `tiny_checkpoint`: model.onnx, model.fp16.onnx, model.step.onnx and a passing
-    validation.json (batches 1..4), no TensorRT plan. Treat as read-only: it is shared by the whole session."""
+    """`ddpm-export` run on `tiny_checkpoint`: model.onnx, model.fp16.onnx, model.step.onnx, model.fp16.step.onnx
+    and a passing validation.json (batches 1..4), no TensorRT plan. Read-only: the whole session shares it."""
     from ddpm_export.pipeline import export_all
 
     out = tmp_path_factory.mktemp("export")

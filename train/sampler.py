@@ -1,0 +1,70 @@
+"""The eager reference sampler (torch): ancestral DDPM with the runtime's own tables and step formula.
+
+Noise convention (shared with the runtime): noise[0] is x_T, noise[1 + j] is the noise of the j-th step taken,
+counting from the first (t = T-1) step; the last step's noise is drawn too and multiplied by a zero scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from runtime.errors import DDPMError
+from runtime.images import save_grid
+from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule
+from runtime.steps import DDPMCoefficients, ddpm_step
+
+# noise(i, shape) -> tensor; i = 0 for x_T, 1 + j for step j
+NoiseFn = Callable[[int, tuple[int, ...]], Union[torch.Tensor, np.ndarray]]
+Noise = Union[torch.Generator, NoiseFn, np.ndarray, torch.Tensor, None]
+
+
+def _noise_source(noise: Noise, steps: int, shape: tuple[int, ...]) -> NoiseFn:
+    if noise is None or isinstance(noise, torch.Generator):
+        gen = noise
+        return lambda i, s: torch.randn(s, generator=gen)
+    if isinstance(noise, (np.ndarray, torch.Tensor)):
+        arr = torch.as_tensor(noise, dtype=torch.float32)
+        if tuple(arr.shape) != (steps + 1, *shape):
+            raise DDPMError(f"injected noise has shape {tuple(arr.shape)}, need {(steps + 1, *shape)} "
+                            "(steps + 1 draws of the sample shape)")
+        return lambda i, s: arr[i]
+    if callable(noise):
+        return noise
+    raise DDPMError("noise must be a torch.Generator, a callable or an array [K+1, N, C, H, W]")
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], variance_type: str = "fixed_large",
+           clip_denoised: bool = True, noise: Noise = None, progress: bool = False) -> torch.Tensor:
+    """Draw samples of `shape` [N, C, H, W] by walking `schedule` (full or respaced) from x_T down to x_0."""
+    device = next(model.parameters()).device
+    K = len(schedule)
+    draw = _noise_source(noise, K, tuple(shape))
+    x = torch.as_tensor(draw(0, tuple(shape)), dtype=torch.float32).to(device)
+    for j, k in enumerate(tqdm(range(K - 1, -1, -1), desc="sample", unit="step", disable=not progress)):
+        t = torch.full((shape[0],), int(schedule.timesteps[k]), dtype=torch.long, device=device)
+        eps = model(x, t)
+        z = torch.as_tensor(draw(1 + j, tuple(shape)), dtype=torch.float32).to(device)
+        x = ddpm_step(x, eps, z, DDPMCoefficients.at(schedule, variance_type, k), clip_denoised)
+    return x
+
+
+def sample_model(model: torch.nn.Module, diffusion: DiffusionConfig, n: int, steps: int | str | None = None,
+                 seed: int = 0, progress: bool = False) -> np.ndarray:
+    """n samples [n, C, H, W] float32 in [-1, 1] from a model with the checkpoint's schedule and variance."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    x = sample(model, sampling_schedule(diffusion, steps), (n, cfg.in_channels, cfg.image_size, cfg.image_size),
+               diffusion.variance_type, diffusion.clip_denoised, gen, progress)
+    return x.clamp(-1.0, 1.0).cpu().numpy()
+
+
+def save_sample_grid(path: str | Path, model: torch.nn.Module, diffusion: DiffusionConfig, n: int = 64,
+                     steps: int | str | None = None, seed: int = 0) -> Path:
+    """Sample n images and write them as one PNG grid (atomically)."""
+    return save_grid(path, sample_model(model, diffusion, n, steps, seed, progress=True))

@@ -10,7 +10,7 @@ if [ -e "$run/ckpt.pt" ]; then
 fi
 bash examples/setup.sh export
 mkdir -p "$run"
-.venv/bin/ddpm-train --dataset mnist --preset small --steps "${STEPS:-1500}" --batch-size 64 --out "$run/ckpt.pt"
+.venv/bin/ddpm-train --dataset mnist --preset small --steps "${STEPS:-700}" --batch-size 64 --lr 2e-3 --out "$run/ckpt.pt"
 .venv/bin/ddpm-export "$run/ckpt.pt" --out-dir "$run/export"
 .venv/bin/ddpm-run "$run/export/model.onnx" --n 64 --sampler ddim --steps 100 --seed 0 \
   --out "$run/samples.npz" --grid "$run/samples.png"

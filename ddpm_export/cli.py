@@ -6,15 +6,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from runtime.errors import DDPMError
+from runtime.errors import run_cli
 
-EXIT_ERROR = 2  # bad input or environment
-EXIT_VALIDATION = 1  # export ran but the graphs do not match the model
 
 
 class _ExportByDefault(click.Group):
@@ -88,20 +85,4 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a DDPMError becomes `error: <message>` on stderr and a non-zero exit, no traceback."""
-    from ddpm_export.pipeline import ValidationFailed
-
-    try:
-        cli.main(args=argv, prog_name="ddpm-export", standalone_mode=False)
-    except ValidationFailed as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_VALIDATION)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    run_cli(cli, "ddpm-export", argv)

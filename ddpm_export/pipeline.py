@@ -38,6 +38,8 @@ GRAPHS = ("onnx", "fp16", "step", "fp16_step")
 class ValidationFailed(DDPMError):
     """The exported graphs do not match the model within tolerance; the report says where."""
 
+    exit_code = 1  # the export ran; bad input is 2
+
 
 def check_batch_range(min_batch: int, opt_batch: int | None, max_batch: int) -> tuple[int, int, int]:
     """(min, opt, max) of the dynamic batch; opt defaults to max (the batch a sampler usually runs)."""

@@ -7,13 +7,12 @@ trained on real MNIST, and the class histogram, beside the same figures for 256 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from runtime.errors import DDPMError
+from runtime.errors import DDPMError, run_cli
 from runtime.images import to_uint8
 from train.quality import CONFIDENT, DigitQuality, classify, held_out_real
 
@@ -63,11 +62,4 @@ def report(source: Path, n: int, steps: str | None, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        report.main(standalone_mode=False)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
+    run_cli(report, "digit_quality.py")

@@ -8,7 +8,6 @@ time the runtime spends outside the model (noise, update, bookkeeping).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import click
 import numpy as np
 
 from runtime.backends import open_model
-from runtime.errors import DDPMError
+from runtime.errors import DDPMError, run_cli
 from runtime.samplers import Chain, sample
 
 
@@ -89,14 +88,7 @@ def benchmark(checkpoint: Path, onnx_model: Path, batch: int, steps: str, thread
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        benchmark.main(args=argv, prog_name="python -m runtime.benchmark", standalone_mode=False)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
+    run_cli(benchmark, "python -m runtime.benchmark", argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import click
 import numpy as np
 
 from runtime.backends import PROVIDERS, open_model
-from runtime.errors import DDPMError
+from runtime.errors import DDPMError, run_cli
 from runtime.fileio import atomic_write, check_writable
 from runtime.images import make_grid, save_png, to_uint8
 from runtime.noise import load_noise, save_noise
@@ -84,15 +83,4 @@ def run(model: Path, n: int, steps: str | None, sampler: str, eta: float, varian
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: every user error is one line on stderr and exit status 2, never a traceback."""
-    try:
-        run.main(args=argv, prog_name="ddpm-run", standalone_mode=False)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
+    run_cli(run, "ddpm-run", argv)

@@ -6,7 +6,6 @@ before training starts, and any failure is one `error: ...` line on stderr with 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import click
 import torch
 import torch.distributed as dist
 
-from runtime.errors import DDPMError
+from runtime.errors import DDPMError, run_cli
 from runtime.fileio import check_writable
 from runtime.schedule import DiffusionConfig, sampling_schedule
 from train.checkpoint import load_checkpoint, save_checkpoint
@@ -136,17 +135,5 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry: user errors become one `error: ...` line and exit status 2, never a traceback."""
-    try:
-        code = train_command.main(args=argv, prog_name="ddpm-train", standalone_mode=False)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except click.Abort:
-        click.echo("error: interrupted; the last periodic checkpoint (if any) is intact, continue with --resume",
-                   err=True)
-        sys.exit(130)
-    sys.exit(code or 0)
+    run_cli(train_command, "ddpm-train", argv,
+            interrupted="interrupted; the last periodic checkpoint (if any) is intact, continue with --resume")

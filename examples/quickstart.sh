@@ -12,6 +12,6 @@ bash examples/setup.sh export
 mkdir -p "$run"
 .venv/bin/ddpm-train --dataset mnist --preset small --steps "${STEPS:-700}" --batch-size 64 --lr 2e-3 --out "$run/ckpt.pt"
 .venv/bin/ddpm-export "$run/ckpt.pt" --out-dir "$run/export"
-.venv/bin/ddpm-run "$run/export/model.onnx" --n 64 --sampler ddim --steps 100 --seed 0 \
+.venv/bin/ddpm-run "$run/export/model.onnx" --n 64 --sampler ddpm --steps 100 --seed 0 \
   --out "$run/samples.npz" --grid "$run/samples.png"
 echo "done: samples in $run/samples.png (grid) and $run/samples.npz (arrays)"

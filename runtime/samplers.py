@@ -43,9 +43,11 @@ class Chain:
         if not 0.0 <= self.eta <= 1.0:
             raise DDPMError(f"eta must lie in [0, 1], got {self.eta}")
         n = len(self.schedule)
-        coeffs = ([DDPMCoefficients.at(self.schedule, self.variance_type, k) for k in range(n)]
-                             if self.sampler == "ddpm" else
-                             [DDIMCoefficients.at(self.schedule, self.eta, k) for k in range(n)])
+        if self.sampler == "ddpm":
+            tables = DDPMCoefficients.tables(self.schedule, self.variance_type)
+            coeffs: list[Any] = [tables.row(k) for k in range(n)]
+        else:
+            coeffs = [DDIMCoefficients.at(self.schedule, self.eta, k) for k in range(n)]
         object.__setattr__(self, "coeffs", coeffs)
 
     @classmethod

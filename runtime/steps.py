@@ -45,12 +45,10 @@ class DDPMCoefficients:
             noise_scale,
         )
 
-    @classmethod
-    def at(cls, schedule: Schedule, variance_type: str, k: int) -> "DDPMCoefficients":
-        """Python floats for sampling step k (k counts down from len(schedule) - 1 to 0)."""
-        t = cls.tables(schedule, variance_type)
-        return cls(*(float(v[k]) for v in (t.sqrt_recip_ac, t.sqrt_recipm1_ac, t.mean_coef1, t.mean_coef2,
-                                             t.noise_scale)))
+    def row(self, k: int) -> "DDPMCoefficients":
+        """Python floats of step k of whole tables (build the tables once, then take a row per step)."""
+        return DDPMCoefficients(*(float(np.asarray(v)[k]) for v in (
+            self.sqrt_recip_ac, self.sqrt_recipm1_ac, self.mean_coef1, self.mean_coef2, self.noise_scale)))
 
 
 def predict_x0(x_t: Array, eps: Array, sqrt_recip_ac: Any, sqrt_recipm1_ac: Any, clip: bool) -> Array:

@@ -45,12 +45,13 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
     device = next(model.parameters()).device
     K = len(schedule)
     draw = _noise_source(noise, K, tuple(shape))
+    coeffs = DDPMCoefficients.tables(schedule, variance_type)
     x = torch.as_tensor(draw(0, tuple(shape)), dtype=torch.float32).to(device)
     for j, k in enumerate(tqdm(range(K - 1, -1, -1), desc="sample", unit="step", disable=not progress)):
         t = torch.full((shape[0],), int(schedule.timesteps[k]), dtype=torch.long, device=device)
         eps = model(x, t)
         z = torch.as_tensor(draw(1 + j, tuple(shape)), dtype=torch.float32).to(device)
-        x = ddpm_step(x, eps, z, DDPMCoefficients.at(schedule, variance_type, k), clip_denoised)
+        x = ddpm_step(x, eps, z, coeffs.row(k), clip_denoised)
     return x
 
 

@@ -12,6 +12,7 @@ Layout (all values are tensors, dicts, lists, str, int, float or bool, so `torch
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise DDPMError(f"checkpoint {path} not found; pass the .pt file written by ddpm-train")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise DDPMError(f"{path} is not a ddpm-deploy checkpoint (not even a torch.save archive); "
+                        "pass a .pt file written by ddpm-train")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for foreign bytes; all mean "not our file"

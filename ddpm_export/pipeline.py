@@ -27,11 +27,12 @@ from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
 from runtime.fileio import check_writable, file_sha256
-from runtime.metadata import ModelInfo, info_from_checkpoint_dict
+from runtime.metadata import GRAPH_SUFFIXES, ModelInfo, info_from_checkpoint_dict
 from train.checkpoint import load_checkpoint
 
-FILENAMES = {"onnx": "model.onnx", "fp16": "model.fp16.onnx", "step": "model.step.onnx",
-             "fp16_step": "model.fp16.step.onnx", "validation": "validation.json", "plan": "model.fp16.plan"}
+FILENAMES = {key: "model" + GRAPH_SUFFIXES[graph] for key, graph in (
+    ("onnx", ("eps", "fp32")), ("fp16", ("eps", "fp16")), ("step", ("step", "fp32")), ("fp16_step", ("step", "fp16")))}
+FILENAMES.update(validation="validation.json", plan="model.fp16.plan")
 GRAPHS = ("onnx", "fp16", "step", "fp16_step")
 
 

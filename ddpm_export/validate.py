@@ -8,6 +8,7 @@ exactly), and the FP16 step graph vs the FP32 one (the FP16 error as a sampler s
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -70,8 +71,6 @@ class FunctionRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict: Feed) -> Feed:
-        import time
-
         start = time.perf_counter()
         out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.fn(feed_dict).items()}
         self.inference_time = time.perf_counter() - start

@@ -47,21 +47,12 @@ def fp16_matmul_tflops(torch) -> float:  # type: ignore[no-untyped-def]
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """A random-weight CIFAR-10 checkpoint and its export (FP32, FP16, FP32 and FP16 step graphs)."""
-    import torch
-
     from ddpm_export.pipeline import FILENAMES, export_all
-    from runtime.schedule import DiffusionConfig
-    from train.checkpoint import Checkpoint, save_checkpoint
-    from train.model import UNet, preset_config
+    from train.checkpoint import random_checkpoint, save_checkpoint
 
     ckpt = work / "cifar10.pt"
     if not ckpt.exists():
-        torch.manual_seed(0)
-        model = UNet(preset_config("cifar10", 32, 3))
-        state = model.state_dict()
-        save_checkpoint(ckpt, Checkpoint(model_config=model.config, diffusion_config=DiffusionConfig(), ema=state,
-                                         model=state, data={"dataset": "random", "image_size": 32, "channels": 3,
-                                                            "data_range": [-1.0, 1.0]}))
+        save_checkpoint(ckpt, random_checkpoint("cifar10", channels=3))
     out = work / "export"
     graphs = [out / FILENAMES[k] for k in ("onnx", "fp16", "step", "fp16_step")]
     if not all(p.exists() for p in graphs):

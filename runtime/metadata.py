@@ -16,6 +16,9 @@ FORMAT = "ddpm-deploy/model"
 FORMAT_VERSION = 1
 KINDS = ("eps", "step")  # eps: x_t, t -> eps ; step: x_t, t, noise -> x_prev (one ancestral DDPM step)
 PREFIX = "ddpm."
+# The export's file family, "model" + suffix: written by ddpm_export, found again by the runtime from any member.
+GRAPH_SUFFIXES = {("eps", "fp32"): ".onnx", ("eps", "fp16"): ".fp16.onnx", ("step", "fp32"): ".step.onnx",
+                  ("step", "fp16"): ".fp16.step.onnx"}
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from runtime.schedule import DiffusionConfig  # noqa: E402
-from train.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from train.model import UNet, preset_config  # noqa: E402
+from train.checkpoint import random_checkpoint, save_checkpoint  # noqa: E402
 
 
 def make_random_checkpoint(path: Path, preset: str = "tiny", channels: int = 1, image_size: int = 32,
                            diffusion: DiffusionConfig | None = None, seed: int = 0) -> Path:
-    """A checkpoint whose EMA weights are random everywhere (zero-initialised layers too), so eps is non-trivial."""
-    torch.manual_seed(seed)
-    model = UNet(preset_config(preset, image_size, channels))
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0.0, 0.05)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt = Checkpoint(model_config=model.config, diffusion_config=diffusion or DiffusionConfig(), ema=state,
-                      model=state, data={"dataset": "random", "image_size": image_size, "channels": channels,
-                                         "data_range": [-1.0, 1.0]})
-    return save_checkpoint(path, ckpt)
+    """Write `train.checkpoint.random_checkpoint(...)` to `path`."""
+    return save_checkpoint(path, random_checkpoint(preset, channels, image_size, diffusion, seed))
 
 
 @pytest.fixture(scope="session")

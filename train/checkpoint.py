@@ -22,7 +22,7 @@ import torch
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write
 from runtime.schedule import DiffusionConfig
-from train.model import ModelConfig, UNet
+from train.model import ModelConfig, UNet, preset_config
 
 FORMAT = "ddpm-deploy/checkpoint"
 FORMAT_VERSION = 1
@@ -103,3 +103,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DDPMError(f"{path} is an incomplete ddpm-deploy checkpoint (missing {exc}); re-save it with ddpm-train") \
             from None
 
+
+
+def random_checkpoint(preset: str = "tiny", channels: int = 1, image_size: int = 32,
+                      diffusion: DiffusionConfig | None = None, seed: int = 0) -> Checkpoint:
+    """A checkpoint with random weights everywhere, the zero-initialised output layers too, so eps is a
+    non-trivial function of its inputs: for tests, export timings and benchmarks without training."""
+    torch.manual_seed(seed)
+    model = UNet(preset_config(preset, image_size, channels))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0.0, 0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return Checkpoint(model_config=model.config, diffusion_config=diffusion or DiffusionConfig(), ema=state,
+                      model=state, data={"dataset": "random", "image_size": image_size, "channels": channels,
+                                         "data_range": [-1.0, 1.0]})

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from runtime.backends import UNBOUNDED, EpsBackend
 from runtime.errors import DDPMError
-from runtime.metadata import ModelInfo
+from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
 from runtime.samplers import Chain, Stepper
 
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -191,18 +191,14 @@ class BoundStepStepper:
         return bound.buffers[cur].numpy()
 
 
-SUFFIXES = {("eps", "fp32"): ".onnx", ("eps", "fp16"): ".fp16.onnx", ("step", "fp32"): ".step.onnx",
-            ("step", "fp16"): ".fp16.step.onnx"}
-
-
 def _siblings(path: Path) -> dict[tuple[str, str], Path]:
     """The export's file family, from any member: model.onnx, model.fp16.onnx, model.step.onnx, model.fp16.step.onnx."""
     name = path.name
-    for suffix in sorted(SUFFIXES.values(), key=len, reverse=True):
+    for suffix in sorted(GRAPH_SUFFIXES.values(), key=len, reverse=True):
         if name.endswith(suffix):
             base = name[: -len(suffix)]
             break
-    return {key: path.with_name(base + suffix) for key, suffix in SUFFIXES.items()}
+    return {key: path.with_name(base + suffix) for key, suffix in GRAPH_SUFFIXES.items()}
 
 
 def open_onnx(path: Path, provider: str, *, precision: str = "auto", cuda_graph: bool = False,

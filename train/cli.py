@@ -18,7 +18,7 @@ from runtime.fileio import check_writable
 from runtime.schedule import DiffusionConfig, sampling_schedule
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import DATASETS, load_dataset
-from train.model import PRESETS, preset_config
+from train.model import PRESETS, count_parameters, preset_config
 from train.sampler import save_sample_grid
 from train.trainer import DistInfo, Trainer, TrainConfig, pick_device
 
@@ -122,7 +122,7 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
                              seed=config.seed)
 
     if dist_info.is_main:
-        click.echo(f"training a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter UNet on "
+        click.echo(f"training a {count_parameters(trainer.model):,}-parameter UNet on "
                    f"{dataset} ({len(data.images)} images) on {dev}, steps {trainer.step} -> {steps}", err=True)
     trainer.train(steps, on_step)
     if dist_info.is_main:

@@ -1,7 +1,8 @@
-"""`ddpm-export`: checkpoint -> validated ONNX files (+ a TensorRT engine where TensorRT and a GPU exist).
+"""`ddpm-export`: a model -> validated ONNX files (+ a TensorRT engine where TensorRT and a GPU exist).
 
-    ddpm-export CKPT [options]                  export (the default command; `ddpm-export export CKPT` also works)
+    ddpm-export SOURCE [options]                export (the default command; `ddpm-export export SOURCE` also works)
     ddpm-export build-engine MODEL.fp16.onnx    build a TensorRT plan later, on a GPU host
+    ddpm-export triton-repo EXPORT_DIR --out R  a model repository for the official Triton containers
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from runtime.errors import run_cli
 
 
 class _ExportByDefault(click.Group):
-    """Route `ddpm-export CKPT ...` to the `export` command while keeping `build-engine` a subcommand."""
+    """Route `ddpm-export SOURCE ...` to the `export` command while keeping `build-engine` a subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
@@ -25,7 +26,8 @@ class _ExportByDefault(click.Group):
 
 @click.group(cls=_ExportByDefault, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Export a ddpm-train checkpoint to ONNX (FP32, FP16, one-step graph) and optionally a TensorRT engine."""
+    """Export a model (ddpm-train checkpoint, diffusers folder, improved-diffusion state dict) to ONNX (FP32, FP16,
+    one-step graph) and optionally a TensorRT engine."""
 
 
 def _batch_options(f):
@@ -35,9 +37,15 @@ def _batch_options(f):
 
 
 @cli.command("export")
-@click.argument("ckpt", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
-              help="output folder  [default: <checkpoint folder>/export]")
+              help="output folder  [default: <checkpoint folder>/export, or <diffusers folder>-export beside it]")
+@click.option("--scheduler-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="diffusers scheduler_config.json for a bare UNet2DModel folder  [default: the DDPM paper's "
+                   "schedule: linear 1e-4..0.02, T=1000, fixed_large, clip on]")
+@click.option("--flags", default=None,
+              help="improved-diffusion model and diffusion flags, as on their scripts' command line (\"--image_size "
+                   "32 --num_channels 128 ...\") or a JSON file; marks SOURCE as an improved-diffusion .pt")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="also write the mixed-precision FP16 ONNX")
 @click.option("--step-graph/--no-step-graph", default=True, show_default=True,
               help="also write the one-step sampler graph (x_t, t, noise -> x_prev)")
@@ -49,12 +57,17 @@ def _batch_options(f):
               help="build the TensorRT engine: --engine requires it, --no-engine skips it  [default: if possible]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the graphs numerically")
 @click.option("--force", is_flag=True, help="overwrite existing outputs")
-def export_cmd(ckpt: Path, out_dir: Path | None, fp16: bool, step_graph: bool, opset: int, max_batch: int,
-               min_batch: int, opt_batch: int | None, engine: bool | None, validate: bool, force: bool) -> None:
-    """Export CKPT (a .pt written by ddpm-train)."""
+def export_cmd(source: Path, out_dir: Path | None, scheduler_config: Path | None, flags: str | None, fp16: bool,
+               step_graph: bool, opset: int, max_batch: int, min_batch: int, opt_batch: int | None,
+               engine: bool | None, validate: bool, force: bool) -> None:
+    """Export SOURCE: a .pt written by ddpm-train, a diffusers folder (pipeline or UNet2DModel), or an
+    improved-diffusion .pt with --flags."""
     from ddpm_export.pipeline import export_all
+    from train.sources import load_source
 
-    written = export_all(ckpt, out_dir or ckpt.parent / "export", fp16=fp16, step_graph=step_graph,
+    model = load_source(source, scheduler_config=scheduler_config, flags=flags)
+    default_dir = source.parent / f"{source.name}-export" if source.is_dir() else source.parent / "export"
+    written = export_all(model, out_dir or default_dir, fp16=fp16, step_graph=step_graph,
                          max_batch=max_batch, opset=opset, validate=validate, engine=engine, force=force,
                          min_batch=min_batch, opt_batch=opt_batch)
     for key, path in written.items():
@@ -82,6 +95,33 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
     plan = plan or model.with_name(model.name.removesuffix(".onnx") + ".plan")
     for key, path in build_engine(model, plan, profile, optimization_level=opt_level, force=force).items():
         click.echo(f"{key:>10}: {path}")
+
+
+@cli.command("triton-repo")
+@click.argument("export_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="repository folder to write")
+@click.option("--graph", default=None, help="eps graph to serve  [default: the export's .plan if any, else model.onnx]")
+@click.option("--kind", type=click.Choice(("gpu", "cpu")), default="gpu", show_default=True,
+              help="where the eps model's instances run")
+@click.option("--instances", type=int, default=1, show_default=True, help="eps model instances (per GPU)")
+@click.option("--sampler-instances", type=int, default=2, show_default=True, help="sampling-loop instances")
+@click.option("--max-batch", type=int, default=None, help="Triton max_batch_size  [default: the export's]")
+@click.option("--queue-delay-us", type=int, default=2000, show_default=True, help="dynamic batcher's wait")
+@click.option("--sampler", default="ddpm", show_default=True, help="default sampler of requests that name none")
+@click.option("--steps", default=None, help="default steps (as ddpm-run --steps)  [default: all T]")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="default DDIM eta")
+@click.option("--force", is_flag=True, help="replace an existing repository folder")
+def triton_repo_cmd(export_dir: Path, out: Path, graph: str | None, kind: str, instances: int,
+                    sampler_instances: int, max_batch: int | None, queue_delay_us: int, sampler: str,
+                    steps: str | None, eta: float, force: bool) -> None:
+    """Write a model repository for the official Triton containers from EXPORT_DIR (see README, Serving)."""
+    from ddpm_export.triton_repo import write_repository
+
+    written = write_repository(export_dir, out, graph=graph, kind=kind, instances=instances,
+                               sampler_instances=sampler_instances, max_batch=max_batch,
+                               queue_delay_us=queue_delay_us, sampler=sampler, steps=steps, eta=eta, force=force)
+    for name, path in written.items():
+        click.echo(f"{name:>10}: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

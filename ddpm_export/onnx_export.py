@@ -47,6 +47,21 @@ def export_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
     return program.model_proto
 
 
+class OutputSplit(torch.nn.Module):
+    """The graph's outputs by name: a source module returns eps [B, C, H, W] or eps and v as [B, 2C, H, W]; the
+    exported graph gives them as separate outputs ("eps", "v") so hosts need no channel arithmetic."""
+
+    def __init__(self, module: torch.nn.Module, channels: int, outputs: tuple[str, ...]):
+        super().__init__()
+        self.module, self.channels, self.outputs = module, channels, outputs
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.module(x_t, t)
+        if len(self.outputs) == 1:
+            return out
+        return out[:, :self.channels], out[:, self.channels:]
+
+
 def sample_inputs(image_shape: tuple[int, int, int], num_timesteps: int, noise: bool = False,
                   batch: int = SAMPLE_BATCH) -> dict[str, torch.Tensor]:
     """Example inputs for tracing: x_t, t (int64 original indices) and, for the step graph, noise."""

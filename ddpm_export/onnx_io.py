@@ -68,7 +68,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
-        raise DDPMError(f"ONNX file {path} not found; export one with `ddpm-export CKPT` first")
+        raise DDPMError(f"ONNX file {path} not found; export one with `ddpm-export SOURCE` first")
     try:
         return onnx.load(path)
     except Exception as exc:  # protobuf raises assorted types for foreign bytes

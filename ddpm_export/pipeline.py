@@ -1,4 +1,7 @@
-"""The whole export: checkpoint -> FP32 / FP16 eps and step ONNX -> validation report -> optional TensorRT plan.
+"""The whole export: model source -> FP32 / FP16 eps and step ONNX -> validation report -> optional TensorRT plan.
+
+The model comes from `train.sources` (our checkpoint, a diffusers folder, an improved-diffusion state dict); nothing
+here asks which.
 
 Outputs are staged in a hidden folder inside the output folder and renamed into place together after validation,
 so an interrupted run leaves earlier outputs untouched and the report always describes the files beside it.
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from ddpm_export import engine as trt_engine
 from ddpm_export.fp16 import convert_to_fp16
-from ddpm_export.onnx_export import MIN_OPSET, export_module, sample_inputs
+from ddpm_export.onnx_export import MIN_OPSET, OutputSplit, export_module, sample_inputs
 from ddpm_export.onnx_io import check_graph, external_data_path, save_onnx, set_metadata
 from ddpm_export.step_graph import compose_step_graph, export_update
 from ddpm_export.trt_support import tensorrt_readiness
@@ -27,8 +30,8 @@ from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
 from runtime.fileio import check_writable, file_sha256
-from runtime.metadata import GRAPH_SUFFIXES, ModelInfo, info_from_checkpoint_dict
-from train.checkpoint import load_checkpoint
+from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
+from train.sources import SourceModel, load_source
 
 FILENAMES = {key: "model" + GRAPH_SUFFIXES[graph] for key, graph in (
     ("onnx", ("eps", "fp32")), ("fp16", ("eps", "fp16")), ("step", ("step", "fp32")), ("fp16_step", ("step", "fp16")))}
@@ -89,19 +92,21 @@ def _finish(model: onnx.ModelProto, info: ModelInfo, path: Path) -> Path:
     return save_onnx(model, path)
 
 
-def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = True,
+def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = True,
                step_graph: bool = True, max_batch: int = 64, opset: int = 18, validate: bool = True,
                engine: bool | None = None, force: bool = False, min_batch: int = 1,
                opt_batch: int | None = None) -> dict[str, Path]:
-    """Export everything; `engine`: None builds a TensorRT plan if TensorRT and a GPU are present, True requires
-    it, False skips it. Returns the written files by key (onnx, fp16, step, validation, plan, plan_info)."""
+    """Export everything from a `SourceModel` (or a path `train.sources.load_source` opens); `engine`: None builds a
+    TensorRT plan if TensorRT and a GPU are present, True requires it, False skips it. Returns the written files by
+    key (onnx, fp16, step, validation, plan, plan_info)."""
     profile = check_batch_range(min_batch, opt_batch, max_batch)
     if opset < MIN_OPSET:
         raise DDPMError(f"--opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
     if engine and not fp16:
         raise DDPMError("--engine builds from the FP16 ONNX; drop --no-fp16")
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    ckpt = load_checkpoint(ckpt_path)
+    out_dir = Path(out_dir)
+    if not isinstance(source, SourceModel):
+        source = load_source(source)
     engine_missing = trt_engine.missing_reason() if fp16 and engine is not False else None
     if engine and engine_missing:
         raise DDPMError(f"--engine was requested but {engine_missing}; run without --engine to export the ONNX "
@@ -109,12 +114,11 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
     targets = planned_outputs(out_dir, fp16, step_graph, validate, fp16 and engine is not False and not engine_missing)
     _prepare_out_dir(out_dir, targets, force)
 
-    base = info_from_checkpoint_dict(ckpt.model_config.to_dict(), ckpt.diffusion_config, ckpt.data,
-                                     file_sha256(ckpt_path))
-    extra = {"max_batch": str(max_batch), "opset": str(opset), "exporter": "torch.onnx dynamo"}
+    base = source.info()
+    extra = {**base.extra, "max_batch": str(max_batch), "opset": str(opset), "exporter": "torch.onnx dynamo"}
     eps_info = dataclasses.replace(base, extra=extra)
-    model = ckpt.ema_model()
-    T = ckpt.diffusion_config.num_timesteps
+    model = OutputSplit(source.module, base.image_shape[0], base.outputs)
+    T = source.diffusion.num_timesteps
     stages = ["eps"] + ["fp16"] * fp16 + ["step"] * step_graph + ["validate"] * validate
     written: dict[str, Path] = {}
     start = time.perf_counter()
@@ -122,7 +126,7 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
             tqdm(total=len(stages), desc="export", unit="stage") as bar:
         staged = Path(tmp)
         bar.set_postfix_str("FP32 eps graph")
-        eps_model = export_module(model, sample_inputs(base.image_shape, T), ["eps"], opset)
+        eps_model = export_module(model, sample_inputs(base.image_shape, T), list(base.outputs), opset)
         _finish(eps_model, eps_info, staged / FILENAMES["onnx"])
         bar.update()
         eps16_model = None
@@ -135,7 +139,7 @@ def export_all(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, fp16
             bar.set_postfix_str("step graphs")
             step_info = dataclasses.replace(eps_info, kind="step", inputs=("x_t", "t", "noise"),
                                             outputs=("x_prev",))
-            update = export_update(ckpt.diffusion_config, base.image_shape, opset)
+            update = export_update(source.diffusion, base.image_shape, opset)
             _finish(compose_step_graph(eps_model, update), step_info, staged / FILENAMES["step"])
             if eps16_model is not None:
                 _finish(compose_step_graph(eps16_model, update), dataclasses.replace(step_info, precision="fp16"),

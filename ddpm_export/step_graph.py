@@ -17,6 +17,7 @@ from torch import nn
 
 from ddpm_export.onnx_export import export_module, sample_inputs
 from runtime.errors import DDPMError
+from runtime.metadata import eps_outputs
 from runtime.schedule import DiffusionConfig, Schedule
 from runtime.steps import DDPMCoefficients, ddpm_step
 
@@ -25,25 +26,29 @@ UPDATE_PREFIX = "update/"  # on the update graph's inner names, so they never cl
 
 
 class UpdateModule(nn.Module):
-    """Inputs x_t [B,C,H,W], t int64 [B] (original timestep indices), noise, eps [B,C,H,W]; output x_prev."""
+    """Inputs x_t [B,C,H,W], t int64 [B] (original timestep indices), noise, eps [B,C,H,W] (and v for
+    learned-variance models); output x_prev."""
 
     def __init__(self, diffusion: DiffusionConfig):
         super().__init__()
-        self.clip = diffusion.clip_denoised
+        self.clip = diffusion.clip_range if diffusion.clip_denoised else None
         tables = DDPMCoefficients.tables(Schedule.from_config(diffusion), diffusion.variance_type)
         for name in TABLES:  # float64 tables stored as float32 buffers (they become float32 ONNX initializers)
             self.register_buffer(name, torch.tensor(getattr(tables, name), dtype=torch.float32))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, eps: torch.Tensor,
+                v: torch.Tensor | None = None) -> torch.Tensor:
         coeffs = DDPMCoefficients(*(torch.index_select(getattr(self, n), 0, t).reshape(-1, 1, 1, 1)
                                     for n in TABLES))
-        return ddpm_step(x_t, eps, noise, coeffs, self.clip)
+        return ddpm_step(x_t, eps, noise, coeffs, self.clip, v)
 
 
 def export_update(diffusion: DiffusionConfig, image_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
-    """The update alone as ONNX: inputs x_t, t, noise, eps; output x_prev; the tables as float32 initializers."""
+    """The update alone as ONNX: inputs x_t, t, noise, eps (and v); output x_prev; the tables as float32
+    initializers."""
     inputs = sample_inputs(image_shape, diffusion.num_timesteps, noise=True)
-    inputs["eps"] = torch.zeros_like(inputs["noise"])  # only its shape and dtype are traced
+    for name in eps_outputs(diffusion):  # eps (and v): only their shape and dtype are traced
+        inputs[name] = torch.zeros_like(inputs["noise"])
     return export_module(UpdateModule(diffusion), inputs, ["x_prev"], opset)
 
 
@@ -52,7 +57,7 @@ def _opset(model: onnx.ModelProto) -> int | None:
 
 
 def compose_step_graph(eps_model: onnx.ModelProto, update_model: onnx.ModelProto) -> onnx.ModelProto:
-    """One model: the eps graph's x_t, t and eps feed the update graph; inputs x_t, t, noise; output x_prev."""
+    """One model: the eps graph's x_t, t, eps (and v) feed the update graph; inputs x_t, t, noise; output x_prev."""
     if (eps_model.ir_version, _opset(eps_model)) != (update_model.ir_version, _opset(update_model)):
         raise DDPMError(f"cannot join the eps graph (IR {eps_model.ir_version}, opset {_opset(eps_model)}) to the "
                         f"update graph (IR {update_model.ir_version}, opset {_opset(update_model)}); "
@@ -60,10 +65,11 @@ def compose_step_graph(eps_model: onnx.ModelProto, update_model: onnx.ModelProto
     head = onnx.ModelProto()
     head.CopyFrom(eps_model)
     inputs = [i.name for i in head.graph.input]
+    outputs = [o.name for o in head.graph.output]
     head.graph.output.extend(head.graph.input)  # merge_models joins outputs to inputs: pass x_t and t through
     tail = compose.add_prefix(update_model, UPDATE_PREFIX, rename_inputs=False, rename_outputs=False)
     try:
-        merged = compose.merge_models(head, tail, io_map=[(n, n) for n in (*inputs, "eps")])
+        merged = compose.merge_models(head, tail, io_map=[(n, n) for n in (*inputs, *outputs)])
     except ValueError as exc:
         raise DDPMError(f"cannot join the eps graph to the update graph ({str(exc).splitlines()[0]})") from None
     graph = merged.graph

@@ -136,19 +136,23 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
     image = list(info.image_shape)
     eps_inputs = {"x_t": (np.float32, ["batch", *image]), "t": (np.int64, ["batch"])}
 
+    outputs = list(info.outputs)  # eps, and v for learned-variance models
+
     def eager(feed: Feed) -> Feed:
         with torch.no_grad():
-            return {"eps": model(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])).numpy()}
+            out = model(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"]))
+        return dict(zip(outputs, (o.numpy() for o in (out if isinstance(out, tuple) else (out,)))))
 
     fp32_sess = _session(onnx_path)
     coeff = DDPMCoefficients.tables(Schedule.from_config(info.diffusion), info.diffusion.variance_type)
+    clip = info.diffusion.clip_range if info.diffusion.clip_denoised else None
 
     def numpy_step(eps_sess: ort.InferenceSession) -> Callable[[Feed], Feed]:
         def run(feed: Feed) -> Feed:
-            eps = eps_sess.run(["eps"], {"x_t": feed["x_t"], "t": feed["t"]})[0]
+            out = [o.astype(np.float64) for o in eps_sess.run(outputs, {"x_t": feed["x_t"], "t": feed["t"]})]
             c = DDPMCoefficients(*(np.asarray(v)[feed["t"]].reshape(-1, 1, 1, 1) for v in asdict(coeff).values()))
-            return {"x_prev": ddpm_step(feed["x_t"].astype(np.float64), eps.astype(np.float64),
-                                        feed["noise"].astype(np.float64), c, info.diffusion.clip_denoised)}
+            return {"x_prev": ddpm_step(feed["x_t"].astype(np.float64), out[0], feed["noise"].astype(np.float64), c,
+                                        clip, out[1] if len(out) > 1 else None)}
         return run
 
     eps_runners: list[BaseRunner] = [FunctionRunner("pytorch-eager", eager, eps_inputs),
@@ -170,10 +174,12 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
         for case, feed in zip(tqdm(cases, desc="validating", unit="case", leave=False), feeds):
             eps_feed = {"x_t": feed["x_t"], "t": feed["t"]}
             results = Comparator.run(eps_runners, data_loader=[eps_feed])
-            case.results["eager_vs_fp32"] = _accuracy(results, (0, 1), tol.fp32_max_abs, "max", "eps")
-            if fp16_sess is not None:
-                case.results["fp16_vs_fp32"] = _fp16_accuracy(results, (1, 2), ("onnxrt-fp16", "onnxrt-fp32"),
-                                                              "eps", tol)
+            for name in outputs:  # eps checks keep their names; v's are suffixed
+                tag = "" if name == "eps" else f"_{name}"
+                case.results[f"eager_vs_fp32{tag}"] = _accuracy(results, (0, 1), tol.fp32_max_abs, "max", name)
+                if fp16_sess is not None:
+                    case.results[f"fp16_vs_fp32{tag}"] = _fp16_accuracy(
+                        results, (1, 2), ("onnxrt-fp16", "onnxrt-fp32"), name, tol)
             if step_runners:
                 results = Comparator.run(step_runners, data_loader=[feed])
                 case.results["step_vs_numpy"] = _accuracy(results, (0, 1), tol.step_max_abs, "max", "x_prev")
@@ -191,6 +197,8 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
         "passed": passed,
         "tolerances": asdict(tol),
         "summary": {"eager_vs_fp32_max_abs": worst("eager_vs_fp32", "max_abs"),
+                    "eager_vs_fp32_v_max_abs": worst("eager_vs_fp32_v", "max_abs"),
+                    "fp16_vs_fp32_v_rel_l2": worst("fp16_vs_fp32_v", "rel_l2"),
                     "fp16_vs_fp32_rel_l2": worst("fp16_vs_fp32", "rel_l2"),
                     "fp16_vs_fp32_max_abs": worst("fp16_vs_fp32", "max_abs"),
                     "step_vs_numpy_max_abs": worst("step_vs_numpy", "max_abs"),

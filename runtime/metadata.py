@@ -7,14 +7,13 @@ and a C++ host reads it through ONNX Runtime's ModelMetadata API. Keys are prefi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from runtime.errors import DDPMError
 from runtime.schedule import DiffusionConfig
 
 FORMAT = "ddpm-deploy/model"
 FORMAT_VERSION = 1
-KINDS = ("eps", "step")  # eps: x_t, t -> eps ; step: x_t, t, noise -> x_prev (one ancestral DDPM step)
+KINDS = ("eps", "step")  # eps: x_t, t -> eps (and v) ; step: x_t, t, noise -> x_prev (one ancestral DDPM step)
 PREFIX = "ddpm."
 # The export's file family, "model" + suffix: written by ddpm_export, found again by the runtime from any member.
 GRAPH_SUFFIXES = {("eps", "fp32"): ".onnx", ("eps", "fp16"): ".fp16.onnx", ("step", "fp32"): ".step.onnx",
@@ -47,6 +46,7 @@ class ModelInfo:
             "beta_end": repr(float(d.beta_end)),
             "variance_type": d.variance_type,
             "clip_denoised": "true" if d.clip_denoised else "false",
+            "clip_range": repr(float(d.clip_range)),
             "image_shape": ",".join(str(int(v)) for v in self.image_shape),
             "data_range": ",".join(repr(float(v)) for v in self.data_range),
             "parameterization": self.parameterization,
@@ -70,11 +70,11 @@ class ModelInfo:
             diffusion = DiffusionConfig.from_dict({
                 "schedule": md["schedule"], "num_timesteps": md["num_timesteps"], "beta_start": md["beta_start"],
                 "beta_end": md["beta_end"], "variance_type": md["variance_type"],
-                "clip_denoised": md["clip_denoised"]})
+                "clip_denoised": md["clip_denoised"], "clip_range": md.get("clip_range", "1.0")})
             shape = tuple(int(v) for v in md["image_shape"].split(","))
             lo, hi = (float(v) for v in md["data_range"].split(","))
             known = {"format", "format_version", "kind", "precision", "schedule", "num_timesteps", "beta_start",
-                     "beta_end", "variance_type", "clip_denoised", "image_shape", "data_range", "parameterization",
+                     "beta_end", "variance_type", "clip_denoised", "clip_range", "image_shape", "data_range", "parameterization",
                      "inputs", "outputs", "source_sha256"}
             info = cls(diffusion=diffusion, image_shape=shape,  # type: ignore[arg-type]
                        kind=md["kind"], precision=md["precision"], inputs=tuple(md["inputs"].split(",")),
@@ -86,13 +86,13 @@ class ModelInfo:
         if len(info.image_shape) != 3 or info.kind not in KINDS or info.parameterization != "eps":
             raise DDPMError(f"{source} has metadata this runtime does not understand "
                             f"(kind={info.kind}, image_shape={info.image_shape}); re-export it")
+        if info.kind == "eps" and info.outputs != eps_outputs(info.diffusion):
+            raise DDPMError(f"{source} declares outputs {','.join(info.outputs)} for {diffusion.variance_type} "
+                            f"variance, which needs {','.join(eps_outputs(info.diffusion))}; re-export it")
         return info
 
 
-def info_from_checkpoint_dict(model_config: dict[str, Any], diffusion: DiffusionConfig,
-                              data: dict[str, Any], source_sha256: str) -> ModelInfo:
-    """The ModelInfo of a checkpoint's EMA eps-model (used by export, and by the eager backend)."""
-    shape = (int(model_config["in_channels"]), int(model_config["image_size"]), int(model_config["image_size"]))
-    lo, hi = data.get("data_range", (-1.0, 1.0))
-    return ModelInfo(diffusion=diffusion, image_shape=shape, data_range=(float(lo), float(hi)),
-                     source_sha256=source_sha256)
+def eps_outputs(diffusion: DiffusionConfig) -> tuple[str, ...]:
+    """The eps graph's outputs: eps, and v for learned-variance models."""
+    return ("eps", "v") if diffusion.learned_variance else ("eps",)
+

@@ -16,12 +16,13 @@ from tqdm import tqdm
 from runtime.errors import DDPMError
 from runtime.noise import InjectedNoise, NoiseSource, SeededNoise
 from runtime.schedule import VARIANCE_TYPES, DiffusionConfig, Schedule, sampling_schedule
-from runtime.steps import DDIMCoefficients, DDPMCoefficients, ddim_step, ddpm_step
+from runtime.steps import DDIMCoefficients, DDPMCoefficients, ddim_step, ddpm_step, split_output
 
 SAMPLERS = ("ddpm", "ddim")
 DEFAULT_BATCH = 64
 
-EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x_t [B,C,H,W] float32, t [B] int64) -> eps
+# (x_t [B,C,H,W] float32, t [B] int64) -> eps [B,C,H,W], or eps and v [B,2C,H,W] for learned-variance models
+EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +34,7 @@ class Chain:
     variance_type: str = "fixed_large"
     clip_denoised: bool = True
     eta: float = 0.0
+    clip_range: float = 1.0
     coeffs: list[Any] = field(init=False, repr=False)  # per step k: DDPMCoefficients or DDIMCoefficients
 
     def __post_init__(self) -> None:
@@ -56,17 +58,31 @@ class Chain:
         """The chain for a model's diffusion config; None options take the model's own settings."""
         if sampler not in SAMPLERS:
             raise DDPMError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if variance_type == "learned_range" and not diffusion.learned_variance:
+            raise DDPMError(f"this model has {diffusion.variance_type} variance and no v output; learned_range needs "
+                            "a learned-variance model (use fixed_small or fixed_large)")
         return cls(sampling_schedule(diffusion, steps), sampler,
                    variance_type or diffusion.variance_type,
-                   diffusion.clip_denoised if clip_denoised is None else clip_denoised, eta)
+                   diffusion.clip_denoised if clip_denoised is None else clip_denoised, eta, diffusion.clip_range)
+
+    @property
+    def clip(self) -> float | None:
+        """The x_0 clip bound of this chain, None when it does not clip."""
+        return self.clip_range if self.clip_denoised else None
 
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def update(self, k: int, x_t: np.ndarray, eps: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """x_{k-1} from x_k, the model's eps and this step's noise."""
-        step = ddpm_step if self.sampler == "ddpm" else ddim_step
-        return step(x_t, eps, noise, self.coeffs[k], self.clip_denoised)
+    def update(self, k: int, x_t: np.ndarray, out: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """x_{k-1} from x_k, the model's output (eps, or eps and v) and this step's noise."""
+        eps, v = split_output(out, x_t.shape[1])
+        if self.sampler == "ddim":
+            return ddim_step(x_t, eps, noise, self.coeffs[k], self.clip)
+        if self.variance_type == "learned_range":
+            if v is None:
+                raise DDPMError("learned_range variance needs the model's v output, but the model returned eps only")
+            return ddpm_step(x_t, eps, noise, self.coeffs[k], self.clip, v)
+        return ddpm_step(x_t, eps, noise, self.coeffs[k], self.clip)
 
     def describe(self) -> str:
         extra = f"eta={self.eta:g}" if self.sampler == "ddim" else self.variance_type

@@ -15,7 +15,7 @@ import numpy as np
 from runtime.errors import DDPMError
 
 SCHEDULES = ("linear", "cosine")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")  # learned_range: Improved DDPM, needs the v output
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class DiffusionConfig:
     beta_end: float = 0.02
     variance_type: str = "fixed_large"  # the paper's CIFAR-10 setting
     clip_denoised: bool = True
+    clip_range: float = 1.0  # x_0 is clipped to [-clip_range, clip_range] when clip_denoised
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -38,6 +39,13 @@ class DiffusionConfig:
             raise DDPMError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise DDPMError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if not 0.0 < float(self.clip_range) < float("inf"):
+            raise DDPMError(f"clip_range must be a positive finite number, got {self.clip_range}")
+
+    @property
+    def learned_variance(self) -> bool:
+        """The model outputs v beside eps (2C channels) and the reverse variance interpolates with it."""
+        return self.variance_type == "learned_range"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +57,7 @@ class DiffusionConfig:
         if unknown:
             raise DDPMError(f"unknown diffusion config keys {sorted(unknown)}; is the file from another tool?")
         types = {"schedule": str, "num_timesteps": int, "beta_start": float, "beta_end": float,
-                 "variance_type": str, "clip_denoised": _to_bool}
+                 "variance_type": str, "clip_denoised": _to_bool, "clip_range": float}
         return cls(**{k: types[k](v) for k, v in d.items()})
 
 
@@ -102,6 +110,7 @@ class Schedule:
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
             "posterior_variance": post_var,
             "posterior_log_variance_clipped": clipped,
+            "log_betas": np.log(b),  # the learned-range upper end (Improved DDPM), unclipped
             "posterior_mean_coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
             "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         }
@@ -119,6 +128,7 @@ class Schedule:
     sqrt_recipm1_alphas_cumprod: np.ndarray = field(init=False, repr=False)
     posterior_variance: np.ndarray = field(init=False, repr=False)
     posterior_log_variance_clipped: np.ndarray = field(init=False, repr=False)
+    log_betas: np.ndarray = field(init=False, repr=False)
     posterior_mean_coef1: np.ndarray = field(init=False, repr=False)
     posterior_mean_coef2: np.ndarray = field(init=False, repr=False)
 
@@ -131,13 +141,16 @@ class Schedule:
         return len(self.betas)
 
     def log_variance(self, variance_type: str) -> np.ndarray:
-        """Reverse-step log-variance per step: fixed_small = clipped posterior, fixed_large = log beta (elt 0 fixed)."""
+        """Reverse-step log-variance per step: fixed_small = clipped posterior, fixed_large = log beta (elt 0 fixed).
+        learned_range depends on the model's v output: see `runtime.steps.learned_log_variance`."""
         if variance_type == "fixed_small":
             return self.posterior_log_variance_clipped
         if variance_type == "fixed_large":
             if len(self.betas) == 1:
                 return np.log(self.betas)
             return np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+        if variance_type == "learned_range":
+            raise DDPMError("learned_range variance depends on the model's v output; it has no fixed table")
         raise DDPMError(f"unknown variance type {variance_type!r}; use one of {', '.join(VARIANCE_TYPES)}")
 
     def respace(self, kept: Sequence[int]) -> "Schedule":

@@ -1,6 +1,6 @@
 """The reverse-step formulas, written once.
 
-They use only arithmetic operators and `.clip`, so the same function runs on NumPy arrays (the runtime), on torch
+They use only arithmetic operators, `.clip` and `.exp` (through `_exp`), so the same function runs on NumPy arrays (the runtime), on torch
 tensors (train's eager sampler) and inside a traced torch module (export's step graph). Coefficients come from
 `Schedule` tables: Python floats when the whole batch shares one step, or arrays broadcastable to the batch
 ([B, 1, 1, 1]) when it does not.
@@ -12,14 +12,16 @@ multiplied by a zero scale there, as in the original TF code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, fields
+from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
 
+from runtime.errors import DDPMError
 from runtime.schedule import Schedule
 
 Array = TypeVar("Array")  # np.ndarray or torch.Tensor
+Clip = Union[bool, float, None]  # x_0 clip: a bound r (clip to [-r, r]), True for r = 1, False/None for none
 
 
 @dataclass(frozen=True)
@@ -30,37 +32,80 @@ class DDPMCoefficients:
     sqrt_recipm1_ac: Any
     mean_coef1: Any
     mean_coef2: Any
-    noise_scale: Any  # exp(0.5 * logvar), zero at the last step
+    noise_scale: Any  # exp(0.5 * logvar) of a fixed variance, zero at the last step (unused for learned_range)
+    min_log: Any  # learned_range: log-variance at v = -1 (the clipped posterior log-variance)
+    max_log: Any  # learned_range: log-variance at v = +1 (log beta)
+    nonzero: Any  # 0 at the last step, else 1: no noise is added at t = 0
 
     @classmethod
     def tables(cls, schedule: Schedule, variance_type: str) -> "DDPMCoefficients":
         """Whole float64 tables, one entry per sampling step (for baking into a graph)."""
-        noise_scale = np.exp(0.5 * schedule.log_variance(variance_type))
-        noise_scale = np.where(np.arange(len(schedule)) == 0, 0.0, noise_scale)
+        nonzero = (np.arange(len(schedule)) > 0).astype(np.float64)
+        fixed = variance_type != "learned_range"
+        noise_scale = nonzero * np.exp(0.5 * schedule.log_variance(variance_type)) if fixed else nonzero * 0.0
         return cls(
             schedule.sqrt_recip_alphas_cumprod,
             schedule.sqrt_recipm1_alphas_cumprod,
             schedule.posterior_mean_coef1,
             schedule.posterior_mean_coef2,
             noise_scale,
+            schedule.posterior_log_variance_clipped,
+            schedule.log_betas,
+            nonzero,
         )
 
     def row(self, k: int) -> "DDPMCoefficients":
         """Python floats of step k of whole tables (build the tables once, then take a row per step)."""
-        return DDPMCoefficients(*(float(np.asarray(v)[k]) for v in (
-            self.sqrt_recip_ac, self.sqrt_recipm1_ac, self.mean_coef1, self.mean_coef2, self.noise_scale)))
+        return DDPMCoefficients(*(float(np.asarray(getattr(self, f.name))[k]) for f in fields(self)))
 
 
-def predict_x0(x_t: Array, eps: Array, sqrt_recip_ac: Any, sqrt_recipm1_ac: Any, clip: bool) -> Array:
-    """x_0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps, optionally clipped to the data range [-1, 1]."""
+def split_output(out: Array, channels: int) -> tuple[Array, Optional[Array]]:
+    """A model's output [B, C, H, W] (eps) or [B, 2C, H, W] (eps, then v of a learned-variance model)."""
+    width = out.shape[1]
+    if width == channels:
+        return out, None
+    if width == 2 * channels:
+        return out[:, :channels], out[:, channels:]
+    raise DDPMError(f"the model returned {width} channels for {channels}-channel images; expected {channels} (eps) "
+                    f"or {2 * channels} (eps and v)")
+
+
+def _exp(x: Any) -> Any:
+    return x.exp() if hasattr(x, "exp") else np.exp(x)  # torch tensors (eager, traced) have .exp, NumPy has np.exp
+
+
+def learned_log_variance(v: Array, min_log: Any, max_log: Any) -> Array:
+    """Improved DDPM's learned range: frac * log(beta) + (1 - frac) * clipped posterior log-variance, frac = (v+1)/2."""
+    frac = (v + 1.0) * 0.5
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+def _clip_bound(clip: Clip) -> Optional[float]:
+    if clip is True:
+        return 1.0
+    return float(clip) if clip else None
+
+
+def predict_x0(x_t: Array, eps: Array, sqrt_recip_ac: Any, sqrt_recipm1_ac: Any, clip: Clip) -> Array:
+    """x_0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps, optionally clipped to the data range [-r, r]."""
     x0 = sqrt_recip_ac * x_t - sqrt_recipm1_ac * eps
-    return x0.clip(-1.0, 1.0) if clip else x0
+    bound = _clip_bound(clip)
+    return x0.clip(-bound, bound) if bound is not None else x0
 
 
-def ddpm_step(x_t: Array, eps: Array, noise: Array, c: DDPMCoefficients, clip: bool) -> Array:
-    """One ancestral step: posterior mean from the (clipped) x_0 estimate plus scaled noise."""
-    x0 = predict_x0(x_t, eps, c.sqrt_recip_ac, c.sqrt_recipm1_ac, clip)
-    return c.mean_coef1 * x0 + c.mean_coef2 * x_t + c.noise_scale * noise
+def posterior_mean(x0: Array, x_t: Array, c: DDPMCoefficients) -> Array:
+    """Mean of q(x_{t-1} | x_t, x_0)."""
+    return c.mean_coef1 * x0 + c.mean_coef2 * x_t
+
+
+def ddpm_step(x_t: Array, eps: Array, noise: Array, c: DDPMCoefficients, clip: Clip,
+              v: Optional[Array] = None) -> Array:
+    """One ancestral step: posterior mean from the (clipped) x_0 estimate plus scaled noise; with `v` (learned_range
+    models) the noise scale is exp(0.5 * learned log-variance), else the fixed table's."""
+    mean = posterior_mean(predict_x0(x_t, eps, c.sqrt_recip_ac, c.sqrt_recipm1_ac, clip), x_t, c)
+    if v is None:
+        return mean + c.noise_scale * noise
+    return mean + c.nonzero * _exp(0.5 * learned_log_variance(v, c.min_log, c.max_log)) * noise
 
 
 @dataclass(frozen=True)
@@ -85,7 +130,7 @@ class DDIMCoefficients:
         )
 
 
-def ddim_step(x_t: Array, eps: Array, noise: Array, c: DDIMCoefficients, clip: bool) -> Array:
+def ddim_step(x_t: Array, eps: Array, noise: Array, c: DDIMCoefficients, clip: Clip) -> Array:
     """One DDIM(eta) step; eps is re-derived from the clipped x_0 so that clipping stays consistent."""
     x0 = predict_x0(x_t, eps, c.sqrt_recip_ac, c.sqrt_recipm1_ac, clip)
     eps = (c.sqrt_recip_ac * x_t - x0) / c.sqrt_recipm1_ac

@@ -106,14 +106,16 @@ def test_matches_python_runtime_with_injected_noise(ddpm_sample: Path, tiny_expo
 
 
 @pytest.mark.slow
-def test_rgb_short_cosine_chain(ddpm_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """3 channels (PPM grid), T = 50, cosine schedule, fixed_small variance: all taken from the model's metadata."""
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_rgb_short_cosine_chain(ddpm_sample: Path, tmp_path_factory: pytest.TempPathFactory, variance: str) -> None:
+    """3 channels (PPM grid), T = 50, cosine schedule, fixed_small or learned variance (the step graph takes v from
+    the eps graph inside it): all taken from the model's metadata."""
     from conftest import make_random_checkpoint
     from ddpm_export.pipeline import export_all
     from runtime.schedule import DiffusionConfig
 
     d = tmp_path_factory.mktemp("cpp_rgb")
-    diffusion = DiffusionConfig(schedule="cosine", num_timesteps=50, variance_type="fixed_small")
+    diffusion = DiffusionConfig(schedule="cosine", num_timesteps=50, variance_type=variance)
     ckpt = make_random_checkpoint(d / "rgb.pt", channels=3, image_size=16, diffusion=diffusion, seed=1)
     export_all(ckpt, d / "export", fp16=False, step_graph=True, validate=False, engine=False)
     ddpm_run([str(d / "export" / "model.onnx"), "--n", "5", "--seed", "3", "--save-noise", str(d / "noise.npy"),
@@ -127,7 +129,7 @@ def test_rgb_short_cosine_chain(ddpm_sample: Path, tmp_path_factory: pytest.Temp
     cpp = np.load(d / "cpp.npy")
     assert cpp.shape == py.shape == (5, 3, 16, 16)
     diff = float(np.abs(cpp.astype(np.float64) - py).max())
-    print(f"C++ vs Python runtime, 5 RGB images x 50 cosine steps: max |diff| = {diff:.3g}")
+    print(f"C++ vs Python runtime, 5 RGB images x 50 cosine steps, {variance}: max |diff| = {diff:.3g}")
     assert diff <= 1e-4 and py.std() > 0.1
     picture = read_pnm(d / "grid.ppm")
     expected = make_grid(to_uint8(py))

@@ -11,6 +11,7 @@ Layout (all values are tensors, dicts, lists, str, int, float or bool, so `torch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -58,7 +59,12 @@ class Checkpoint:
     def ema_model(self, device: str | torch.device = "cpu") -> UNet:
         """The EMA UNet in eval mode: what sampling and export use."""
         model = UNet(self.model_config)
-        model.load_state_dict(self.ema)
+        try:
+            model.load_state_dict(self.ema)
+        except RuntimeError as exc:  # names missing/unexpected keys and shape mismatches, one per line
+            lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+            raise DDPMError(f"checkpoint weights do not fit its model_config ({'; '.join(lines)[:300]}); "
+                            "the file was edited or mixed with another model's config") from None
         return model.to(device).eval()
 
 
@@ -108,9 +114,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def random_checkpoint(preset: str = "tiny", channels: int = 1, image_size: int = 32,
                       diffusion: DiffusionConfig | None = None, seed: int = 0) -> Checkpoint:
     """A checkpoint with random weights everywhere, the zero-initialised output layers too, so eps is a
-    non-trivial function of its inputs: for tests, export timings and benchmarks without training."""
+    non-trivial function of its inputs: for tests, export timings and benchmarks without training. A learned_range
+    `diffusion` gives the model a v output (2 x channels)."""
     torch.manual_seed(seed)
-    model = UNet(preset_config(preset, image_size, channels))
+    config = preset_config(preset, image_size, channels)
+    if diffusion is not None and diffusion.learned_variance:
+        config = dataclasses.replace(config, out_channels=2 * channels)
+    model = UNet(config)
     with torch.no_grad():
         for p in model.parameters():
             if not p.abs().sum():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from runtime.errors import DDPMError
 from runtime.images import save_grid
 from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule
-from runtime.steps import DDPMCoefficients, ddpm_step
+from runtime.steps import Clip, DDPMCoefficients, ddpm_step, split_output
 
 # noise(i, shape) -> tensor; i = 0 for x_T, 1 + j for step j
 NoiseFn = Callable[[int, tuple[int, ...]], Union[torch.Tensor, np.ndarray]]
@@ -40,8 +40,10 @@ def _noise_source(noise: Noise, steps: int, shape: tuple[int, ...]) -> NoiseFn:
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], variance_type: str = "fixed_large",
-           clip_denoised: bool = True, noise: Noise = None, progress: bool = False) -> torch.Tensor:
-    """Draw samples of `shape` [N, C, H, W] by walking `schedule` (full or respaced) from x_T down to x_0."""
+           clip_denoised: Clip = True, noise: Noise = None, progress: bool = False) -> torch.Tensor:
+    """Draw samples of `shape` [N, C, H, W] by walking `schedule` (full or respaced) from x_T down to x_0.
+
+    `model(x, t)` returns eps, or eps and v ([N, 2C, H, W]) for learned_range; `clip_denoised` is a bool or a bound."""
     device = next(model.parameters()).device
     K = len(schedule)
     draw = _noise_source(noise, K, tuple(shape))
@@ -49,9 +51,9 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
     x = torch.as_tensor(draw(0, tuple(shape)), dtype=torch.float32).to(device)
     for j, k in enumerate(tqdm(range(K - 1, -1, -1), desc="sample", unit="step", disable=not progress)):
         t = torch.full((shape[0],), int(schedule.timesteps[k]), dtype=torch.long, device=device)
-        eps = model(x, t)
+        eps, v = split_output(model(x, t), shape[1])
         z = torch.as_tensor(draw(1 + j, tuple(shape)), dtype=torch.float32).to(device)
-        x = ddpm_step(x, eps, z, coeffs.row(k), clip_denoised)
+        x = ddpm_step(x, eps, z, coeffs.row(k), clip_denoised, v if variance_type == "learned_range" else None)
     return x
 
 
@@ -61,7 +63,7 @@ def sample_model(model: torch.nn.Module, diffusion: DiffusionConfig, n: int, ste
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     x = sample(model, sampling_schedule(diffusion, steps), (n, cfg.in_channels, cfg.image_size, cfg.image_size),
-               diffusion.variance_type, diffusion.clip_denoised, gen, progress)
+               diffusion.variance_type, diffusion.clip_range if diffusion.clip_denoised else None, gen, progress)
     return x.clamp(-1.0, 1.0).cpu().numpy()
 
 

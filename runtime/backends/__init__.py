@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class Backend(Protocol):
     batch_range: tuple[int, int]  # smallest and largest batch one call accepts
     description: str  # e.g. "onnxruntime CPUExecutionProvider fp32 model.onnx", for summaries
 
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray: ...
+    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray: ...  # [B, C or 2C (eps, v), H, W]
 
     def stepper(self, chain: Chain) -> Stepper: ...
 
@@ -59,20 +59,28 @@ class EpsBackend:
 
 
 def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str = "auto",
-               cuda_graph: bool = False, threads: int = 0) -> Backend:
-    """Open `.onnx` (ONNX Runtime), `.plan`/`.engine` (TensorRT, GPU) or `.pt` (eager PyTorch; needs torch).
+               cuda_graph: bool = False, threads: int = 0, **source_options: Any) -> Backend:
+    """Open `.onnx` (ONNX Runtime), `.plan`/`.engine` (TensorRT, GPU), or, eagerly in PyTorch (needs torch), a `.pt`
+    or a diffusers folder (`train.sources`).
 
     provider: "cpu" or "cuda". precision "auto" picks the FP16 sibling graph on CUDA when one was exported.
     cuda_graph: capture a CUDA graph per batch shape (ONNX Runtime CUDA only). threads: CPU threads, 0 = default.
+    source_options: for eager sources, `train.sources.load_source`'s (scheduler_config, flags).
     """
     path = Path(path)
     if provider not in PROVIDERS:
         raise DDPMError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     if precision not in ("auto", "fp32", "fp16"):
         raise DDPMError(f"unknown precision {precision!r}; use auto, fp32 or fp16")
+    if path.is_dir():  # a diffusers folder
+        from runtime.backends.eager_backend import EagerBackend
+
+        return EagerBackend(path, provider, threads=threads, **source_options)
     if not path.is_file():
         raise DDPMError(f"model file {path} not found")
     suffix = path.suffix.lower()
+    if source_options and suffix != ".pt":
+        raise DDPMError(f"{', '.join(source_options)} only apply to PyTorch sources (.pt or a diffusers folder)")
     if cuda_graph and (suffix != ".onnx" or provider != "cuda"):
         raise DDPMError("CUDA graphs are only supported for .onnx models with --provider cuda")
     if suffix == ".onnx":
@@ -86,6 +94,6 @@ def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str
     if suffix == ".pt":
         from runtime.backends.eager_backend import EagerBackend
 
-        return EagerBackend(path, provider, threads=threads)
+        return EagerBackend(path, provider, threads=threads, **source_options)
     raise DDPMError(f"unknown model file type {path.suffix or '(none)'!r} for {path.name}; pass a .onnx, .plan or "
-                    ".pt file")
+                    ".pt file or a diffusers folder")

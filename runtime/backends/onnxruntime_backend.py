@@ -65,7 +65,8 @@ class _Bound:
     """Device buffers and IO bindings for one batch shape; kept so a captured CUDA graph sees the same addresses."""
 
     session: ort.InferenceSession
-    bindings: list[Any]  # binding i reads buffer i, writes buffer 1 - i (step graph); one binding (eps graph)
+    bindings: list[Any]  # binding i reads buffer i, writes buffer 1 - i (step graph); one binding (eps graph:
+    # reads buffer 0, writes eps (and v) to the buffers after it)
     buffers: list[Any]
     t: Any
     noise: Any
@@ -104,12 +105,14 @@ class OnnxRuntimeBackend(EpsBackend):
             raise DDPMError(f"{self.path.name} is a step graph; it runs full-length DDPM chains with its own "
                             f"variance ({self.info.diffusion.variance_type}) and clipping only; use the eps graph")
         if self.device == "cpu":
-            return self.session.run(None, {self.info.inputs[0]: x_t, self.info.inputs[1]: t})[0]
+            outs = self.session.run(None, {self.info.inputs[0]: x_t, self.info.inputs[1]: t})
+            return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)  # eps, v -> [B, 2C, H, W]
         bound = self._bind("eps", len(x_t))
         bound.buffers[0].update_inplace(x_t)
         bound.t.update_inplace(t)
         bound.session.run_with_iobinding(bound.bindings[0], bound.run_options[0])
-        return bound.buffers[1].numpy()
+        outs = [b.numpy() for b in bound.buffers[1:]]  # eps (and v)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
 
     def step_graph_fits(self, chain: Chain) -> bool:
         """A step graph bakes the full schedule, DDPM, and the model's variance type and clipping."""
@@ -147,7 +150,8 @@ class OnnxRuntimeBackend(EpsBackend):
         info = self.info if graph == "eps" else self.step_info
         session = self._session_for(graph, batch)
         shape = (batch, *info.image_shape)
-        buf = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0) for _ in range(2)]
+        count = 2 if graph == "step" else 1 + len(info.outputs)  # step: x ping-pong; eps: x_t, eps (and v)
+        buf = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0) for _ in range(count)]
         t = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), self.device, 0)
         noise = (ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0) if graph == "step"
                  else None)
@@ -158,7 +162,10 @@ class OnnxRuntimeBackend(EpsBackend):
             io.bind_ortvalue_input(info.inputs[1], t)
             if graph == "step":
                 io.bind_ortvalue_input(info.inputs[2], noise)
-            io.bind_ortvalue_output(info.outputs[0], buf[1 - i])
+                io.bind_ortvalue_output(info.outputs[0], buf[1 - i])
+            else:
+                for name, value in zip(info.outputs, buf[1:]):
+                    io.bind_ortvalue_output(name, value)
             opts = ort.RunOptions()
             if self.cuda_graph:
                 opts.add_run_config_entry("gpu_graph_id", str(i))

@@ -69,7 +69,7 @@ class TensorRTBackend(EpsBackend):
         max_b = self.batch_range[1]
         c, h, w = self.info.image_shape
         sizes = {self.info.inputs[0]: max_b * c * h * w * 4, self.info.inputs[1]: max_b * 8,
-                 self.info.outputs[0]: max_b * c * h * w * 4}
+                 **{name: max_b * c * h * w * 4 for name in self.info.outputs}}  # eps (and v)
         self.device = {name: _check(cudart.cudaMalloc(size)) for name, size in sizes.items()}
         for name, ptr in self.device.items():
             self.context.set_tensor_address(name, int(ptr))
@@ -79,18 +79,18 @@ class TensorRTBackend(EpsBackend):
 
     def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         x_name, t_name = self.info.inputs
-        out_name = self.info.outputs[0]
         kinds = self.cudart.cudaMemcpyKind
         self.context.set_input_shape(x_name, x_t.shape)
         self.context.set_input_shape(t_name, t.shape)
-        eps = np.empty_like(x_t)
+        outs = [np.empty_like(x_t) for _ in self.info.outputs]
         self._copy(int(self.device[x_name]), x_t.ctypes.data, x_t.nbytes, kinds.cudaMemcpyHostToDevice)
         self._copy(int(self.device[t_name]), t.ctypes.data, t.nbytes, kinds.cudaMemcpyHostToDevice)
         if not self.context.execute_async_v3(int(self.stream)):
             raise DDPMError("TensorRT execution failed; see the TensorRT log above")
-        self._copy(eps.ctypes.data, int(self.device[out_name]), eps.nbytes, kinds.cudaMemcpyDeviceToHost)
+        for name, out in zip(self.info.outputs, outs):
+            self._copy(out.ctypes.data, int(self.device[name]), out.nbytes, kinds.cudaMemcpyDeviceToHost)
         _check(self.cudart.cudaStreamSynchronize(self.stream))
-        return eps
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)  # eps, v -> [B, 2C, H, W]
 
     def __del__(self) -> None:
         for ptr in getattr(self, "device", {}).values():

@@ -11,6 +11,7 @@ Noise file (written by `ddpm-run --save-noise`, read by `--noise` and by the C++
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +52,44 @@ class InjectedNoise:
         out = np.array(self.noise[self.next, self.start:self.start + self.n], dtype=np.float32)  # writable copy
         self.next += 1
         return out
+
+
+class PrefetchedNoise:
+    """Draws the next array on a worker thread while the caller's device step runs, so host-side noise is off the
+    critical path (NumPy's generators release the GIL while they fill arrays). The same draws in the same order as
+    `source`, so samples are bit-identical; at most `count` draws are made, none beyond what the chain asks for.
+    Use as a context manager: leaving it waits for the worker, so no thread outlives the chain."""
+
+    def __init__(self, source: NoiseSource, count: int):
+        self.source, self.left = source, count
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddpm-noise")
+        self.pending: Future[np.ndarray] | None = self._next()
+
+    def _next(self) -> Future[np.ndarray] | None:
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        return self.pool.submit(self.source.draw)
+
+    def draw(self) -> np.ndarray:
+        if self.pending is None:
+            raise DDPMError("the chain asked for more noise draws than it announced")
+        try:
+            out = self.pending.result()
+        except DDPMError:
+            raise
+        except Exception as exc:  # a failure in the worker surfaces here, in the caller's thread, as one line
+            raise DDPMError(f"drawing noise failed ({type(exc).__name__}: {exc})") from None
+        self.pending = self._next()
+        return out
+
+    def __enter__(self) -> "PrefetchedNoise":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def chain_noise(seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int, start: int = 0) -> np.ndarray:

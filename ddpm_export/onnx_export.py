@@ -17,14 +17,21 @@ MIN_OPSET = 18
 SAMPLE_BATCH = 2  # a size-1 sample batch would be specialised to a constant
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporter or the installed onnx cannot write, before any work."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise DDPMError(f"--opset {opset} is out of range: the dynamo exporter needs >= {MIN_OPSET} and the installed "
+                        f"onnx knows opsets up to {newest}")
+
+
 def export_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str],
                   opset: int) -> onnx.ModelProto:
     """Dynamo-export `module` called with `inputs` (in forward's argument order, batch >= 2) to an in-memory ONNX.
 
     The batch is declared with torch.export.Dim, so every input and output keeps a symbolic first dimension.
     """
-    if opset < MIN_OPSET:
-        raise DDPMError(f"opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
+    check_opset(opset)
     if any(v.shape[0] < 2 for v in inputs.values()):
         raise ValueError("export needs a sample batch >= 2 so the batch dimension stays symbolic")
     batch = torch.export.Dim(BATCH_DIM, min=1)
@@ -40,6 +47,10 @@ def export_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
                 input_names=list(inputs), output_names=output_names,
                 dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False, report=False,
             )
+    except Exception as exc:  # the exporter raises many types; each means this module/opset could not be exported
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DDPMError(f"torch.onnx.export failed at opset {opset} ({first[:200]}); try the default --opset "
+                        f"{MIN_OPSET}") from None
     finally:
         exporter_log.setLevel(level)
     if program is None or program.model_proto is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from runtime.errors import DDPMError
-from runtime.fileio import atomic_write
+from runtime.fileio import atomic_write, temp_prefix
 from runtime.metadata import ModelInfo
 
 BATCH_DIM = "batch"
@@ -56,7 +56,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         external_data_path(path).unlink(missing_ok=True)
         return atomic_write(path, lambda f: f.write(model.SerializeToString()))
     data = external_data_path(path)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(path), dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
         onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)

@@ -17,20 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
 from ddpm_export import engine as trt_engine
 from ddpm_export.fp16 import convert_to_fp16
-from ddpm_export.onnx_export import MIN_OPSET, OutputSplit, export_module, sample_inputs
+from ddpm_export.onnx_export import OutputSplit, check_opset, export_module, sample_inputs
 from ddpm_export.onnx_io import check_graph, external_data_path, save_onnx, set_metadata
 from ddpm_export.step_graph import compose_step_graph, export_update
 from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
-from runtime.fileio import check_writable, file_sha256
+from runtime.fileio import check_writable, clear_stale_temps, file_sha256, temp_prefix
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
+from runtime.resources import require_memory
 from train.sources import SourceModel, load_source
 
 FILENAMES = {key: "model" + GRAPH_SUFFIXES[graph] for key, graph in (
@@ -100,8 +102,7 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     TensorRT plan if TensorRT and a GPU are present, True requires it, False skips it. Returns the written files by
     key (onnx, fp16, step, validation, plan, plan_info)."""
     profile = check_batch_range(min_batch, opt_batch, max_batch)
-    if opset < MIN_OPSET:
-        raise DDPMError(f"--opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
+    check_opset(opset)
     if engine and not fp16:
         raise DDPMError("--engine builds from the FP16 ONNX; drop --no-fp16")
     out_dir = Path(out_dir)
@@ -111,10 +112,29 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     if engine and engine_missing:
         raise DDPMError(f"--engine was requested but {engine_missing}; run without --engine to export the ONNX "
                         "files only")
-    targets = planned_outputs(out_dir, fp16, step_graph, validate, fp16 and engine is not False and not engine_missing)
-    _prepare_out_dir(out_dir, targets, force)
-
     base = source.info()
+    if validate:  # the validation's largest case holds x_t, noise and a few outputs of the max batch
+        require_memory(8 * max_batch * int(np.prod(base.image_shape)) * 4, f"validating --max-batch {max_batch}",
+                       "lower --max-batch")
+    targets = planned_outputs(out_dir, fp16, step_graph, validate, fp16 and engine is not False and not engine_missing)
+    created = not out_dir.exists()
+    _prepare_out_dir(out_dir, targets, force)
+    try:
+        return _export(source, base, out_dir, targets, fp16=fp16, step_graph=step_graph, max_batch=max_batch,
+                       opset=opset, validate=validate, engine=engine, engine_missing=engine_missing, profile=profile)
+    except BaseException:
+        if created:  # a failed first export leaves no empty folder behind (a finished report keeps it)
+            clear_stale_temps(out_dir)
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _export(source: SourceModel, base: ModelInfo, out_dir: Path, targets: dict[str, Path], *, fp16: bool,
+            step_graph: bool, max_batch: int, opset: int, validate: bool, engine: bool | None,
+            engine_missing: str | None, profile: tuple[int, int, int]) -> dict[str, Path]:
     extra = {**base.extra, "max_batch": str(max_batch), "opset": str(opset), "exporter": "torch.onnx dynamo"}
     eps_info = dataclasses.replace(base, extra=extra)
     model = OutputSplit(source.module, base.image_shape[0], base.outputs)
@@ -122,7 +142,8 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     stages = ["eps"] + ["fp16"] * fp16 + ["step"] * step_graph + ["validate"] * validate
     written: dict[str, Path] = {}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp, \
+    clear_stale_temps(out_dir)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out_dir / "export"), dir=out_dir) as tmp, \
             tqdm(total=len(stages), desc="export", unit="stage") as bar:
         staged = Path(tmp)
         bar.set_postfix_str("FP32 eps graph")

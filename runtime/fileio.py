@@ -1,9 +1,16 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, engine, array or picture."""
+"""Atomic file writes: a reader never sees a half-written checkpoint, engine, array or picture.
+
+Temp files and staging folders are named `.<target name>.ddpm-tmp-<pid>-<random>` beside their target: they can
+never collide with a user's file, and any later write into the same folder removes the ones whose process is gone
+(a run killed with -9 leaves nothing that piles up). The final rename can refuse to replace a file that appeared
+while the run was writing (another run writing the same output), so "exists, pass --force" holds under races too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -14,23 +21,89 @@ from runtime.errors import DDPMError
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
     """Fail early (before hours of work) if `path` cannot be written or would clobber a file unasked."""
     path = Path(path)
-    if path.exists() and not force:
-        raise DDPMError(f"{path} already exists; pass --force to overwrite it or choose another path")
     if path.is_dir():
         raise DDPMError(f"{path} is a directory; give a file path")
+    if path.exists() and not force:
+        raise DDPMError(f"{path} already exists; pass --force to overwrite it or choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise DDPMError(f"cannot write {path}: {blocker} is a file, not a folder; choose another path")
         raise DDPMError(f"cannot write {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise DDPMError(f"cannot write {path}: folder {parent} is not writable; choose another path")
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call `write(fileobj)` on a temp file next to `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
+TEMP_TAG = ".ddpm-tmp-"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """Name prefix of this process's temp files (and staging folders) for `path`."""
+    return f".{Path(path).name}{TEMP_TAG}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clear_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and staging folders in `folder` whose writing process no longer exists."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(".") or TEMP_TAG not in name:
+            continue
+        pid_text = name.rsplit(TEMP_TAG, 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # e.g. removed by another run at the same moment
+    return removed
+
+
+def _publish(tmp: str, path: Path, replace: bool) -> None:
+    """Rename tmp to path; without `replace`, refuse (keeping both) if path exists by now."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic "create if absent": fails if path appeared meanwhile
+    except FileExistsError:
+        raise DDPMError(f"{path} appeared while this run was writing it (another run writing the same file?); "
+                        "it was kept: pass --force to overwrite or choose another path") from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if path.exists():
+            raise DDPMError(f"{path} appeared while this run was writing it; it was kept: pass --force to "
+                            "overwrite or choose another path") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, replace: bool = True) -> Path:
+    """Call `write(fileobj)` on a temp file next to `path`, fsync it, then rename it to `path`.
+
+    replace=False refuses (DDPMError) when `path` exists at the moment of the rename: give it the CLI's --force."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    clear_stale_temps(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
     except OSError as exc:
         raise DDPMError(f"cannot write {path}: {exc.strerror}; choose a writable path") from None
     try:
@@ -39,7 +112,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -55,8 +128,8 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(data), replace=replace)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -50,6 +50,15 @@ def _info(session: ort.InferenceSession, path: Path) -> ModelInfo:
     if names != (info.inputs, info.outputs):
         raise DDPMError(f"{path}: graph I/O {names} does not match its metadata {(info.inputs, info.outputs)}; "
                         "re-export it")
+    image = list(info.image_shape)
+    want = {"x_t": ("tensor(float)", image), "t": ("tensor(int64)", []), "noise": ("tensor(float)", image),
+            "eps": ("tensor(float)", image), "v": ("tensor(float)", image), "x_prev": ("tensor(float)", image)}
+    bad = [f"{v.name} {v.type} {v.shape}" for v in (*session.get_inputs(), *session.get_outputs())
+           if v.name in want and (v.type != want[v.name][0] or len(v.shape) != 1 + len(want[v.name][1])
+                                  or any(isinstance(d, int) and d != w for d, w in zip(v.shape[1:], want[v.name][1])))]
+    if bad:
+        raise DDPMError(f"{path}: {'; '.join(bad)} do not fit its metadata (image shape {image}, float32 images, "
+                        "int64 t); re-export it")
     return info
 
 
@@ -199,13 +208,14 @@ class BoundStepStepper:
 
 
 def _siblings(path: Path) -> dict[tuple[str, str], Path]:
-    """The export's file family, from any member: model.onnx, model.fp16.onnx, model.step.onnx, model.fp16.step.onnx."""
-    name = path.name
-    for suffix in sorted(GRAPH_SUFFIXES.values(), key=len, reverse=True):
-        if name.endswith(suffix):
-            base = name[: -len(suffix)]
-            break
-    return {key: path.with_name(base + suffix) for key, suffix in GRAPH_SUFFIXES.items()}
+    """The export's file family, from any member: model.onnx, model.fp16.onnx, model.step.onnx, model.fp16.step.onnx.
+    Suffixes match in any case (MODEL.ONNX); the member given keeps its own name, the others take ours."""
+    by_length = sorted(GRAPH_SUFFIXES.items(), key=lambda item: len(item[1]), reverse=True)
+    key, suffix = next(((k, s) for k, s in by_length if path.name.lower().endswith(s)), (None, ""))
+    if key is None:
+        raise DDPMError(f"{path.name} is not an exported graph (no .onnx suffix); pass the model.onnx of an export")
+    base = path.name[: -len(suffix)]
+    return {**{k: path.with_name(base + s) for k, s in GRAPH_SUFFIXES.items()}, key: path}
 
 
 def open_onnx(path: Path, provider: str, *, precision: str = "auto", cuda_graph: bool = False,

@@ -6,7 +6,10 @@ Rows: eager PyTorch CUDA FP32, PyTorch CUDA autocast FP16, ONNX Runtime CUDA FP3
 with a captured CUDA graph. The ONNX Runtime rows use the runtime's device-resident step graph when the chain is the
 full DDPM chain (x_t never leaves the GPU; only t and the host-drawn noise are copied in per step). Reports images/s,
 per-step latency, achieved TFLOP/s (12.44 GFLOP per image per forward) and its share of the FP16 matmul rate
-measured here with torch. Needs torch with CUDA, onnxruntime-gpu, and the export extras.
+measured here with torch, and for the runtime rows the share of wall time the host spends outside the device step
+(1 - the time of the same steps fed pre-drawn noise / the wall time of the real chain). A last row runs the paper's
+256 x 256 UNet (`lsun256` preset, google/ddpm-church-256's structure, 114 M parameters) at batch 8 for 50 respaced
+DDPM steps (eps graph + host update). Needs torch with CUDA, onnxruntime-gpu, and the export extras.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-GFLOP_PER_IMAGE = 12.44  # one forward of the 35.7M-parameter CIFAR-10 UNet at 32 x 32
+# One forward per image, counted with torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, 2 per MAC):
+GFLOP_PER_IMAGE = 12.44  # the 35.7M-parameter CIFAR-10 UNet at 32 x 32
+GFLOP_PER_IMAGE_256 = 497.0  # the 114M-parameter lsun256 UNet at 256 x 256
 
 
 def fail(message: str) -> None:
@@ -45,15 +50,15 @@ def fp16_matmul_tflops(torch) -> float:  # type: ignore[no-untyped-def]
     return 2 * n**3 / best / 1e12
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
-    """A random-weight CIFAR-10 checkpoint and its export (FP32, FP16, FP32 and FP16 step graphs)."""
+def prepare(work: Path, preset: str = "cifar10", image_size: int = 32) -> tuple[Path, Path]:
+    """A random-weight checkpoint of `preset` and its export (FP32, FP16, FP32 and FP16 step graphs)."""
     from ddpm_export.pipeline import FILENAMES, export_all
     from train.checkpoint import random_checkpoint, save_checkpoint
 
-    ckpt = work / "cifar10.pt"
+    ckpt = work / f"{preset}.pt"
     if not ckpt.exists():
-        save_checkpoint(ckpt, random_checkpoint("cifar10", channels=3))
-    out = work / "export"
+        save_checkpoint(ckpt, random_checkpoint(preset, channels=3, image_size=image_size))
+    out = work / ("export" if preset == "cifar10" else f"export-{preset}")
     graphs = [out / FILENAMES[k] for k in ("onnx", "fp16", "step", "fp16_step")]
     if not all(p.exists() for p in graphs):
         export_all(ckpt, out, fp16=True, step_graph=True, max_batch=64, validate=False, engine=False, force=True)
@@ -76,20 +81,23 @@ def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
     loaded = load_checkpoint(ckpt)
     model = loaded.ema_model("cuda")
     chain = Chain.build(loaded.diffusion_config, "ddpm", str(steps))
-    shape = (batch, 3, 32, 32)
+    size = loaded.model_config.image_size
+    shape = (batch, 3, size, size)
     source = SeededNoise(0, 0, batch, shape[1:])
     with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=autocast):
         for _ in range(3):  # warm-up: cuDNN algorithm selection
             model(torch.zeros(shape, device="cuda"), torch.zeros(batch, dtype=torch.long, device="cuda"))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(model, chain.schedule, shape, chain.variance_type, chain.clip_denoised, lambda i, s: source.draw())
+        sample(model, chain.schedule, shape, chain.variance_type, chain.clip, lambda i, s: source.draw())
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str, cuda_graph: bool) -> tuple[float, str]:
-    """Wall seconds of one chain through the runtime, after a 3-step warm-up (captures CUDA graphs)."""
+def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str,
+                     cuda_graph: bool) -> tuple[float, float, str]:
+    """Wall seconds of one chain through the runtime (after a 3-step warm-up that captures CUDA graphs), the share of
+    it spent outside the device step, and which path ran."""
     from runtime.backends import open_model
     from runtime.noise import SeededNoise
     from runtime.samplers import Chain, sample
@@ -104,8 +112,17 @@ def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str, cu
     stepper.finish(state)
     start = time.perf_counter()
     sample(backend, chain, batch, seed=0, batch_size=batch)
+    wall = time.perf_counter() - start
+    x, noise = warm.draw(), warm.draw()  # the same steps with noise already drawn: the device step alone
+    ts = [np.full(batch, chain.schedule.timesteps[k], np.int64) for k in range(len(chain))]
+    start = time.perf_counter()
+    state = stepper.start(x)
+    for k in reversed(range(len(chain))):
+        state = stepper.step(state, k, ts[k], noise)
+    stepper.finish(state)
+    device = time.perf_counter() - start
     path = "device step graph" if backend.step_graph_fits(chain) else "eps graph + host update"
-    return time.perf_counter() - start, path
+    return wall, max(0.0, 1.0 - device / wall), path
 
 
 @click.command()
@@ -129,18 +146,26 @@ def main(steps: int, batches: str, work: Path | None) -> None:
         ckpt, onnx_path = prepare(work or Path(tmp))
         peak = fp16_matmul_tflops(torch)
         click.echo(f"device: {torch.cuda.get_device_name(0)}; FP16 matmul {peak:.1f} TFLOP/s; DDPM {steps} steps")
-        click.echo(f"{'config':<26} {'batch':>5} {'images/s':>9} {'ms/step':>8} {'TFLOP/s':>8} {'of FP16':>8}  path")
+        click.echo(f"{'config':<26} {'batch':>5} {'images/s':>9} {'ms/step':>8} {'TFLOP/s':>8} {'of FP16':>8} "
+                   f"{'host':>6}  path")
+
+        def row(name: str, batch: int, n_steps: int, seconds: float, host: float | None, path: str,
+                gflop: float = GFLOP_PER_IMAGE) -> None:
+            tflops = gflop * batch * n_steps / seconds / 1e3
+            share = f"{100 * host:>5.1f}%" if host is not None else f"{'-':>6}"
+            click.echo(f"{name:<26} {batch:>5} {batch / seconds:>9.2f} {1e3 * seconds / n_steps:>8.2f} "
+                       f"{tflops:>8.2f} {100 * tflops / peak:>7.1f}% {share}  {path}")
+
         for batch in sizes:
-            rows = [("torch eager FP32", time_eager(ckpt, batch, steps, False), "eager"),
-                    ("torch autocast FP16", time_eager(ckpt, batch, steps, True), "eager")]
+            row("torch eager FP32", batch, steps, time_eager(ckpt, batch, steps, False), None, "eager")
+            row("torch autocast FP16", batch, steps, time_eager(ckpt, batch, steps, True), None, "eager")
             for name, precision, graph in (("ORT CUDA FP32", "fp32", False), ("ORT CUDA FP16", "fp16", False),
                                            ("ORT CUDA FP16 + graph", "fp16", True)):
-                seconds, path = time_onnxruntime(onnx_path, batch, steps, precision, graph)
-                rows.append((name, seconds, path))
-            for name, seconds, path in rows:
-                tflops = GFLOP_PER_IMAGE * batch * steps / seconds / 1e3
-                click.echo(f"{name:<26} {batch:>5} {batch / seconds:>9.2f} {1e3 * seconds / steps:>8.2f} "
-                           f"{tflops:>8.2f} {100 * tflops / peak:>7.1f}%  {path}")
+                row(name, batch, steps, *time_onnxruntime(onnx_path, batch, steps, precision, graph))
+        big_ckpt, big_onnx = prepare(work or Path(tmp), "lsun256", 256)
+        gflop = GFLOP_PER_IMAGE_256
+        row("256x256 torch eager FP32", 8, 50, time_eager(big_ckpt, 8, 50, False), None, "eager", gflop)
+        row("256x256 ORT CUDA FP16", 8, 50, *time_onnxruntime(big_onnx, 8, 50, "fp16", False), gflop)
 
 
 if __name__ == "__main__":

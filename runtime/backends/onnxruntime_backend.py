@@ -21,6 +21,8 @@ from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
 from runtime.samplers import Chain, Stepper
 
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# CUDA provider options every session gets; parity checks set {"use_tf32": "0"} to compare with FP32 torch exactly.
+CUDA_OPTIONS: dict[str, str] = {}
 
 
 def _session(path: Path, provider: str, threads: int, cuda_graph: bool = False) -> ort.InferenceSession:
@@ -31,7 +33,10 @@ def _session(path: Path, provider: str, threads: int, cuda_graph: bool = False) 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    providers: list[Any] = ([("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": str(int(cuda_graph))}),
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the pip packages or torch, where the system has none
+    cuda = {"device_id": "0", "enable_cuda_graph": str(int(cuda_graph)), **CUDA_OPTIONS}
+    providers: list[Any] = ([("CUDAExecutionProvider", cuda),
                              "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"])
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

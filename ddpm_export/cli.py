@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import run_cli
+from runtime.validation import FINITE
 
 
 
@@ -19,12 +20,13 @@ class _ExportByDefault(click.Group):
     """Route `ddpm-export SOURCE ...` to the `export` command while keeping `build-engine` a subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["export", *args]
         return super().parse_args(ctx, args)
 
 
 @click.group(cls=_ExportByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddpm-deploy", prog_name="ddpm-export")
 def cli() -> None:
     """Export a model (ddpm-train checkpoint, diffusers folder, improved-diffusion state dict) to ONNX (FP32, FP16,
     one-step graph) and optionally a TensorRT engine."""
@@ -109,17 +111,19 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
 @click.option("--queue-delay-us", type=int, default=2000, show_default=True, help="dynamic batcher's wait")
 @click.option("--sampler", default="ddpm", show_default=True, help="default sampler of requests that name none")
 @click.option("--steps", default=None, help="default steps (as ddpm-run --steps)  [default: all T]")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="default DDIM eta")
+@click.option("--spacing", default=None, help="default spacing (as ddpm-run --spacing)")
+@click.option("--eta", type=FINITE, default=None, help="default DDIM eta of ddim requests  [default: 0]")
 @click.option("--force", is_flag=True, help="replace an existing repository folder")
 def triton_repo_cmd(export_dir: Path, out: Path, graph: str | None, kind: str, instances: int,
                     sampler_instances: int, max_batch: int | None, queue_delay_us: int, sampler: str,
-                    steps: str | None, eta: float, force: bool) -> None:
+                    steps: str | None, spacing: str | None, eta: float | None, force: bool) -> None:
     """Write a model repository for the official Triton containers from EXPORT_DIR (see README, Serving)."""
     from ddpm_export.triton_repo import write_repository
 
     written = write_repository(export_dir, out, graph=graph, kind=kind, instances=instances,
                                sampler_instances=sampler_instances, max_batch=max_batch,
-                               queue_delay_us=queue_delay_us, sampler=sampler, steps=steps, eta=eta, force=force)
+                               queue_delay_us=queue_delay_us, sampler=sampler, steps=steps, spacing=spacing,
+                               eta=eta, force=force)
     for name, path in written.items():
         click.echo(f"{name:>10}: {path}")
 

@@ -30,7 +30,7 @@ from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
-from runtime.fileio import check_writable, clear_stale_temps, file_sha256, temp_prefix
+from runtime.fileio import check_writable, clear_stale_temps, file_sha256, publish, temp_prefix
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
 from runtime.resources import require_memory
 from train.sources import SourceModel, load_source
@@ -108,6 +108,11 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     out_dir = Path(out_dir)
     if not isinstance(source, SourceModel):
         source = load_source(source)
+    broken = [name for name, p in source.module.state_dict().items()
+              if p.is_floating_point() and not bool(p.isfinite().all())]
+    if broken:
+        raise DDPMError(f"the model's weights hold NaN or inf ({len(broken)} tensors: {', '.join(broken[:3])}"
+                        f"{', ...' if len(broken) > 3 else ''}); export a checkpoint from before the run diverged")
     engine_missing = trt_engine.missing_reason() if fp16 and engine is not False else None
     if engine and engine_missing:
         raise DDPMError(f"--engine was requested but {engine_missing}; run without --engine to export the ONNX "
@@ -120,8 +125,9 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     created = not out_dir.exists()
     _prepare_out_dir(out_dir, targets, force)
     try:
-        return _export(source, base, out_dir, targets, fp16=fp16, step_graph=step_graph, max_batch=max_batch,
-                       opset=opset, validate=validate, engine=engine, engine_missing=engine_missing, profile=profile)
+        return _export(source, base, out_dir, targets, replace=force, fp16=fp16, step_graph=step_graph,
+                       max_batch=max_batch, opset=opset, validate=validate, engine=engine,
+                       engine_missing=engine_missing, profile=profile)
     except BaseException:
         if created:  # a failed first export leaves no empty folder behind (a finished report keeps it)
             clear_stale_temps(out_dir)
@@ -132,8 +138,8 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
         raise
 
 
-def _export(source: SourceModel, base: ModelInfo, out_dir: Path, targets: dict[str, Path], *, fp16: bool,
-            step_graph: bool, max_batch: int, opset: int, validate: bool, engine: bool | None,
+def _export(source: SourceModel, base: ModelInfo, out_dir: Path, targets: dict[str, Path], *, replace: bool,
+            fp16: bool, step_graph: bool, max_batch: int, opset: int, validate: bool, engine: bool | None,
             engine_missing: str | None, profile: tuple[int, int, int]) -> dict[str, Path]:
     extra = {**base.extra, "max_batch": str(max_batch), "opset": str(opset), "exporter": "torch.onnx dynamo"}
     eps_info = dataclasses.replace(base, extra=extra)
@@ -175,8 +181,8 @@ def _export(source: SourceModel, base: ModelInfo, out_dir: Path, targets: dict[s
         for key in (*GRAPHS, "validation"):
             if key in targets:
                 for src in (staged / FILENAMES[key], external_data_path(staged / FILENAMES[key])):
-                    if src.exists():
-                        os.replace(src, out_dir / src.name)
+                    if src.exists():  # without --force, a file another export wrote meanwhile is kept
+                        publish(src, out_dir / src.name, replace)
                 written[key] = targets[key]
     if validate and not report["passed"]:
         raise ValidationFailed(f"validation failed for {', '.join(failures(report))}; see "

@@ -6,15 +6,19 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from runtime.backends import PROVIDERS, open_model
 from runtime.errors import DDPMError, run_cli
-from runtime.fileio import atomic_write, check_writable
-from runtime.images import make_grid, save_png, to_uint8
+from runtime.fileio import check_writable
+from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
 from runtime.noise import load_noise, save_noise
-from runtime.samplers import SAMPLERS, Chain, sample
-from runtime.schedule import VARIANCE_TYPES
+from runtime.samplers import SAMPLERS, Chain, sample_batches
+from runtime.schedule import SPACINGS, VARIANCE_TYPES
+from runtime.streaming import SampleStore
+from runtime.validation import FINITE, SEED, NonFiniteError, require_suffix
+
+GRID_MAX = 256  # images shown by --grid
+PROGRESSIVE_ROWS = 8  # images shown by --progressive
 
 
 def _choice(values: tuple[str, ...]) -> click.Choice:
@@ -22,35 +26,50 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddpm-deploy", prog_name="ddpm-run")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of images.")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
-              "10,20,30. Default: all T steps.")
-@click.option("--sampler", type=_choice(SAMPLERS), default="ddpm", show_default=True)
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale (0 = deterministic).")
+              "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps.")
+@click.option("--sampler", type=_choice(SAMPLERS), default="ddpm", show_default=True,
+              help="Reverse process: ancestral DDPM, DDIM, or a multistep solver for 10-20 steps: dpm++2m and unipc "
+              "(deterministic), sde-dpm++2m (stochastic).")
+@click.option("--spacing", type=_choice(SPACINGS), default=None,
+              help="Which K timesteps (diffusers' definitions). Default: linspace for the solvers, the respacing of "
+              "--steps for ddpm and ddim.")
+@click.option("--eta", type=FINITE, default=None, help="DDIM noise scale (default 0 = deterministic); ddim only.")
 @click.option("--variance-type", type=_choice(VARIANCE_TYPES), default=None,
               help="DDPM reverse variance. Default: the model's.")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clip x_0 to the data range. Default: the model's.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses rng([seed, i]).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i uses rng([seed, i]).")
 @click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.npz"), show_default=True,
               help="npz with arr_0 (uint8 N x H x W x C) and samples (float32 N x C x H x W).")
-@click.option("--grid", type=click.Path(path_type=Path), default=None, help="Also write a PNG grid.")
-@click.option("--provider", type=_choice(PROVIDERS), default="cpu", show_default=True)
+@click.option("--grid", type=click.Path(path_type=Path), default=None,
+              help=f"Also write a grid picture of the first {GRID_MAX} images, in the format its extension names "
+              "(.png, .jpg, ...).")
+@click.option("--progressive", type=int, default=None, help="Also write the predicted x_0 of the first "
+              f"{PROGRESSIVE_ROWS} images every K steps (paper Fig. 6) as a PNG grid, <out stem>.progressive.png.")
+@click.option("--provider", type=_choice(PROVIDERS), default="cpu", show_default=True,
+              help="ONNX Runtime / torch device (.plan files always run on their GPU).")
 @click.option("--precision", type=_choice(("auto", "fp32", "fp16")), default="auto", show_default=True,
               help="auto: the FP16 graph on CUDA when it was exported, FP32 on CPU.")
 @click.option("--cuda-graph", is_flag=True, help="Capture a CUDA graph per batch shape (ONNX Runtime CUDA).")
-@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads (0: library default).")
 @click.option("--noise", "noise_file", type=click.Path(path_type=Path), default=None,
               help="Read the chain's noise from a [K+1, N, C, H, W] float32 .npy instead of the seed.")
 @click.option("--save-noise", "noise_out", type=click.Path(path_type=Path), default=None,
               help="Write the seeded noise this run uses as a [K+1, N, C, H, W] float32 .npy.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def run(model: Path, n: int, steps: str | None, sampler: str, eta: float, variance_type: str | None,
-        clip: bool | None, seed: int, batch_size: int | None, out: Path, grid: Path | None, provider: str,
-        precision: str, cuda_graph: bool, threads: int, noise_file: Path | None, noise_out: Path | None,
-        force: bool) -> None:
-    """Sample --n images from MODEL (.onnx, .plan or .pt) and write them to --out (and --grid)."""
+def run(model: Path, n: int, steps: str | None, sampler: str, spacing: str | None, eta: float | None,
+        variance_type: str | None, clip: bool | None, seed: int, batch_size: int | None, out: Path,
+        grid: Path | None, provider: str, precision: str, cuda_graph: bool, threads: int, noise_file: Path | None,
+        noise_out: Path | None, force: bool, progressive: int | None) -> None:
+    """Sample --n images from MODEL (.onnx, .plan or .pt) and write them to --out (and --grid).
+
+    Samples go to disk batch by batch (<out>.partial/, one batch in memory); rerunning a killed command resumes it
+    with identical results. A run that cannot fit the disk is refused before sampling."""
     if n < 1:
         raise DDPMError(f"--n must be >= 1, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -59,27 +78,67 @@ def run(model: Path, n: int, steps: str | None, sampler: str, eta: float, varian
         raise DDPMError(f"--seed must be >= 0, got {seed}")
     if noise_file is not None and noise_out is not None:
         raise DDPMError("--noise and --save-noise exclude each other")
-    outputs = [p for p in (out, grid, noise_out) if p is not None]
+    if progressive is not None and progressive < 1:
+        raise DDPMError(f"--progressive must be >= 1 steps, got {progressive}")
+    figure = out.with_name(out.stem + ".progressive.png") if progressive else None
+    outputs = [p for p in (out, grid, noise_out, figure) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
-        raise DDPMError("--out, --grid and --save-noise must be different files")
+        raise DDPMError("--out, --grid, --save-noise and the --progressive figure must be different files")
     for path in outputs:
         check_writable(path, force)
-    backend = open_model(model, provider, precision=precision, cuda_graph=cuda_graph, threads=threads)
-    chain = Chain.build(backend.info.diffusion, sampler, steps, eta, variance_type, clip)
-    shape = backend.info.image_shape
-    noise = load_noise(noise_file, n, shape, len(chain)) if noise_file is not None else None
-    start = time.perf_counter()
-    samples = sample(backend, chain, n, seed=seed, noise=noise, batch_size=batch_size, progress=True)
-    seconds = time.perf_counter() - start
-    pictures = to_uint8(samples, backend.info.data_range)
-    atomic_write(out, lambda f: np.savez(f, arr_0=pictures, samples=samples))
-    if grid is not None:
-        save_png(grid, make_grid(pictures))
+    require_suffix(out, (".npz",), "--out", "an npz archive (arr_0 and samples)")
     if noise_out is not None:
-        save_noise(noise_out, seed, n, shape, len(chain))
+        require_suffix(noise_out, (".npy",), "--save-noise", "a .npy array")
+    backend = open_model(model, provider, precision=precision, cuda_graph=cuda_graph, threads=threads)
+    chain = Chain.build(backend.info.diffusion, sampler, steps, eta, variance_type, clip, spacing)
+    shape = backend.info.image_shape
+    if grid is not None:
+        check_grid_format(grid, min(n, GRID_MAX), shape)
+    noise = load_noise(noise_file, n, shape, len(chain)) if noise_file is not None else None
+    store = SampleStore(out, n, shape, _run_key(model, backend.description, chain, seed, noise_file))
+    store.lock(force)
+    try:
+        done = store.resume_point(force)
+        batches = sample_batches(backend, chain, n, seed=seed, noise=noise, batch_size=batch_size, progress=True,
+                                 first=done)
+        store.prepare(done)
+    except BaseException:
+        store.discard_if_new()
+        raise
+    if done:
+        click.echo(f"resuming {store.dir}: {done} of {n} images were done")
+    start = time.perf_counter()
+    try:
+        for first, batch in batches:
+            store.write(first, batch)
+    except NonFiniteError as exc:  # deterministic: a rerun would fail at the same step, so keep nothing
+        store.discard()
+        raise NonFiniteError(f"{exc}; nothing was written") from None
+    seconds = max(time.perf_counter() - start, 1e-9)
+    if grid is not None:
+        save_picture(grid, make_grid(to_uint8(store.head(GRID_MAX), backend.info.data_range)), replace=force)
+    store.finish(backend.info.data_range, chunk=batch_size or 64, replace=force)
+    if noise_out is not None:
+        save_noise(noise_out, seed, n, shape, len(chain), replace=force)
+    if figure is not None:
+        from runtime.figures import progressive_grid
+
+        save_png(figure, progressive_grid(backend, chain, min(n, PROGRESSIVE_ROWS), seed, progressive, noise),
+                 replace=force)
     written = ", ".join(str(p) for p in outputs)
-    click.echo(f"{n} images in {seconds:.2f} s ({n / seconds:.2f} images/s), {chain.describe()}, "
+    click.echo(f"{n - done} images in {seconds:.2f} s ({(n - done) / seconds:.2f} images/s), {chain.describe()}, "
                f"{backend.description} -> {written}")
+
+
+def _run_key(model: Path, backend: str, chain: Chain, seed: int, noise_file: Path | None) -> dict[str, object]:
+    """What a partial run must share with the command that resumes it."""
+    def ident(path: Path) -> list[object]:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+    return {"model": ident(model), "backend": backend, "chain": chain.describe(),
+            "timesteps": chain.schedule.timesteps.tolist(), "seed": seed,
+            "noise": ident(noise_file) if noise_file is not None else None}
 
 
 def main(argv: list[str] | None = None) -> None:

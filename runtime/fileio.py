@@ -76,7 +76,7 @@ def clear_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _publish(tmp: str, path: Path, replace: bool) -> None:
+def publish(tmp: str | os.PathLike, path: Path, replace: bool) -> None:
     """Rename tmp to path; without `replace`, refuse (keeping both) if path exists by now."""
     if replace:
         os.replace(tmp, path)
@@ -112,7 +112,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        _publish(tmp, path, replace)
+        publish(tmp, path, replace)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -1,4 +1,4 @@
-"""Model-space images <-> uint8 pictures and PNG grids (NumPy + Pillow only)."""
+"""Model-space images <-> uint8 pictures and grids, as PNG or any format Pillow writes (NumPy + Pillow only)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes
 
 
@@ -33,12 +34,43 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
     return grid
 
 
-def save_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
-    """Write an H x W x C (C in 1, 3) uint8 picture as PNG, atomically."""
+def picture_format(path: str | os.PathLike) -> str:
+    """The Pillow format `path`'s extension names (.png -> PNG, .jpg -> JPEG, ...): a picture is never written
+    in a format other than the one its name says."""
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise DDPMError(f"cannot write a picture to {path}: Pillow writes no {ext or 'extension-less'} files; "
+                        "name it .png (or .jpg, .bmp, .tif, .webp)")
+    return fmt
+
+
+def encode_picture(picture: np.ndarray, fmt: str) -> bytes:
+    """An H x W x C (C in 1, 3) uint8 picture as the bytes of a `fmt` file."""
     pic = picture[..., 0] if picture.shape[-1] == 1 else picture
     buf = io.BytesIO()
-    Image.fromarray(pic).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    try:
+        Image.fromarray(pic).save(buf, format=fmt)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DDPMError(f"Pillow cannot write this {pic.shape[1]} x {pic.shape[0]} picture as {fmt} ({exc}); "
+                        "use .png") from None
+    return buf.getvalue()
+
+
+def check_grid_format(path: str | os.PathLike, n: int, image_shape: tuple[int, int, int]) -> None:
+    """Fail before sampling, not after, if a grid of n C x H x W images cannot be written to `path`."""
+    c, h, w = image_shape
+    encode_picture(make_grid(np.zeros((n, h, w, c), np.uint8)), picture_format(path))
+
+
+def save_picture(path: str | os.PathLike, picture: np.ndarray, *, replace: bool = True) -> Path:
+    """Write an H x W x C uint8 picture, atomically, in the format the extension of `path` names."""
+    return atomic_write_bytes(path, encode_picture(picture, picture_format(path)), replace=replace)
+
+
+def save_png(path: str | os.PathLike, picture: np.ndarray, *, replace: bool = True) -> Path:
+    """Write an H x W x C (C in 1, 3) uint8 picture as PNG, atomically."""
+    return atomic_write_bytes(path, encode_picture(picture, "PNG"), replace=replace)
 
 
 def save_grid(path: str | os.PathLike, samples: np.ndarray, ncols: int | None = None) -> Path:

@@ -19,6 +19,8 @@ import numpy as np
 
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write
+from runtime.resources import require_memory
+from runtime.validation import NonFiniteError, all_finite
 
 
 class NoiseSource(Protocol):
@@ -98,9 +100,11 @@ def chain_noise(seed: int, n: int, image_shape: tuple[int, int, int], num_steps:
     return np.stack([source.draw() for _ in range(num_steps + 1)])
 
 
-def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int) -> Path:
+def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int, *,
+               replace: bool = True) -> Path:
     """Write the noise file of a seeded run, streaming one step at a time (memory: one step of all N images)."""
     shape = (num_steps + 1, n, *image_shape)
+    require_memory(2 * n * int(np.prod(image_shape)) * 4, f"--save-noise for {n} images", "lower --n")
 
     def write(f) -> None:  # type: ignore[no-untyped-def]
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
@@ -108,7 +112,7 @@ def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[in
         for _ in range(num_steps + 1):
             f.write(source.draw().astype("<f4", copy=False).tobytes())
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, replace=replace)
 
 
 def load_noise(path: str | os.PathLike, n: int, image_shape: tuple[int, int, int], num_steps: int) -> np.ndarray:
@@ -124,4 +128,8 @@ def load_noise(path: str | os.PathLike, n: int, image_shape: tuple[int, int, int
     if noise.dtype != np.float32 or noise.shape != want:
         raise DDPMError(f"noise file {path} holds {noise.dtype} {list(noise.shape)}, this run needs float32 "
                         f"{list(want)} ([steps+1, n, C, H, W])")
+    for j in range(len(noise)):  # one step at a time: the memory map never becomes resident as a whole
+        if not all_finite(noise[j]):
+            raise NonFiniteError(f"noise file {path} holds NaN or inf in entry {j} of {len(noise)} "
+                                 f"({'x_T' if j == 0 else f'the noise of step {j}'}); write it again with --save-noise")
     return noise

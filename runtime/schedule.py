@@ -182,8 +182,6 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
         for stride in range(1, T):
             if len(range(0, T, stride)) == want:
                 return list(range(0, T, stride))
-        if want == T:
-            return list(range(T))
         raise DDPMError(f"cannot take exactly {want} evenly strided steps from {T}; choose another step count")
     try:
         counts = [int(c) for c in spec.split(",")]
@@ -211,3 +209,43 @@ def sampling_schedule(config: DiffusionConfig, steps: int | str | None = None) -
     if steps is None or str(steps) == str(config.num_timesteps):
         return full
     return full.respace(space_timesteps(config.num_timesteps, steps))
+
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def solver_timesteps(num_timesteps: int, steps: int | str, spacing: str = "linspace") -> list[int]:
+    """The K timesteps a multistep solver calls the model at, ascending, spaced as diffusers' DPM-Solver and UniPC
+    schedulers space them (Lin et al. 2023, table 2, with steps_offset 0); the chain ends at sigma = 0 after the
+    smallest. linspace: round(linspace(0, T-1, K+1))[1:]; leading: (1..K) * (T // (K+1)); trailing:
+    round(arange(T, 0, -T/K)) - 1."""
+    if spacing not in SPACINGS:
+        raise DDPMError(f"unknown spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
+    try:
+        T, K = int(num_timesteps), int(str(steps).strip())
+    except ValueError:
+        raise DDPMError(f"{spacing} spacing needs the step count as a number K, got {steps!r}") from None
+    if not 1 <= K <= T:
+        raise DDPMError(f"cannot take {K} steps from {T} timesteps; use 1..{T}")
+    if spacing == "linspace":
+        kept = np.linspace(0, T - 1, K + 1).round()[1:]
+    elif spacing == "leading":
+        kept = np.arange(1, K + 1) * (T // (K + 1))
+    else:
+        kept = np.arange(T, 0, -T / K).round()[::-1] - 1
+    kept = [int(t) for t in kept]
+    if len(kept) != K or len(set(kept)) != K or kept[0] < 0:
+        raise DDPMError(f"{spacing} spacing of {K} steps over {T} timesteps repeats or drops timesteps; choose "
+                        "fewer steps or another spacing")
+    return kept
+
+
+def half_log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """lambda = log(alpha / sigma) = 0.5 * log(ac / (1 - ac)), the time variable of DPM-Solver and UniPC."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    return 0.5 * (np.log(ac) - np.log1p(-ac))
+
+
+def spaced_schedule(config: DiffusionConfig, steps: int | str, spacing: str = "linspace") -> Schedule:
+    """The schedule a multistep solver walks: K timesteps spaced by `spacing` (see `solver_timesteps`)."""
+    return Schedule.from_config(config).respace(solver_timesteps(config.num_timesteps, steps, spacing))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -140,3 +140,91 @@ def ddim_step(x_t: Array, eps: Array, noise: Array, c: DDIMCoefficients, clip: C
 def q_sample(x0: Array, noise: Array, sqrt_ac: Any, sqrt_one_minus_ac: Any) -> Array:
     """Forward process: x_t = sqrt(ac) x_0 + sqrt(1 - ac) eps."""
     return sqrt_ac * x0 + sqrt_one_minus_ac * noise
+
+
+# Multistep solvers (DPM-Solver++, UniPC) in data-prediction form. Each step is a linear combination of the current
+# sample, the newest x_0 predictions and the step's noise; the coefficients are float64 numbers computed once per
+# chain from the half-log-SNR lambda = log(alpha / sigma) (`runtime.schedule.half_log_snr`), h = lambda_t - lambda_s.
+
+
+@dataclass(frozen=True)
+class MultistepCoefficients:
+    """x_next = x_coef * x + sum_j weights[j] * x0s[j] + noise_coef * noise, with x0s the newest x_0 first."""
+
+    x_coef: float
+    weights: tuple[float, ...]
+    noise_coef: float = 0.0
+
+
+def multistep_step(x: Array, x0s: Sequence[Array], noise: Array, c: MultistepCoefficients) -> Array:
+    """One solver step (predictor or corrector) from its expanded coefficients."""
+    out = c.x_coef * x
+    for weight, x0 in zip(c.weights, x0s):
+        out = out + weight * x0
+    return out + c.noise_coef * noise if c.noise_coef else out
+
+
+def _to_zero_noise(alpha_t: float) -> MultistepCoefficients:
+    """A step onto sigma = 0 (lambda = inf): every first-order update returns alpha_t * x_0."""
+    return MultistepCoefficients(0.0, (alpha_t,))
+
+
+def dpm_solver_pp_coefficients(lambdas: Sequence[float], lambda_t: float, alpha_t: float, sigma_t: float,
+                               sigma_s: float, stochastic: bool = False) -> MultistepCoefficients:
+    """DPM-Solver++ (Lu et al. 2022, midpoint form) of order len(lambdas) (1 or 2) from lambdas = (lambda_s0,
+    lambda_s1) of the newest predictions. ODE: x_t = sigma_t/sigma_s x + alpha_t (1 - e^-h) (D0 + D1/2);
+    SDE-DPM-Solver++: x_t = sigma_t/sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1/2) + sigma_t sqrt(1 - e^-2h) z,
+    with D0 = x0_s0, D1 = (x0_s0 - x0_s1) / r, r = (lambda_s0 - lambda_s1) / h."""
+    if sigma_t == 0.0:
+        return _to_zero_noise(alpha_t)
+    h = lambda_t - lambdas[0]
+    if stochastic:
+        x_coef, d0, noise = sigma_t / sigma_s * math.exp(-h), -alpha_t * math.expm1(-2.0 * h), \
+            sigma_t * math.sqrt(-math.expm1(-2.0 * h))
+    else:
+        x_coef, d0, noise = sigma_t / sigma_s, -alpha_t * math.expm1(-h), 0.0
+    if len(lambdas) == 1:
+        return MultistepCoefficients(x_coef, (d0,), noise)
+    half_over_r = 0.5 * h / (lambdas[0] - lambdas[1])
+    return MultistepCoefficients(x_coef, (d0 * (1.0 + half_over_r), -d0 * half_over_r), noise)
+
+
+def unipc_coefficients(lambdas: Sequence[float], lambda_t: float, alpha_t: float, sigma_t: float, sigma_s: float,
+                       corrector: bool, variant: str = "bh2") -> MultistepCoefficients:
+    """UniPC (Zhao et al. 2023) in data-prediction form, B(h) = e^h - 1 (bh2) or h (bh1).
+
+    Predictor UniP-p, p = len(lambdas): weights on (x0_s0, x0_s1, ...), the predictions at lambdas.
+    Corrector UniC-p, p = len(lambdas): weights on (x0_t, x0_s0, x0_s1, ...), x0_t being the prediction at the
+    uncorrected x_t; x is the sample at s0. Both: x_t = sigma_t/sigma_s x - alpha_t (e^-h - 1) x0_s0
+    - alpha_t B(h) sum_k rho_k D_k, D_k = (x0_k - x0_s0) / r_k, rho from the order conditions (rho = 1/2 for UniP-2
+    and UniC-1, as the reference implementation)."""
+    if sigma_t == 0.0:
+        if len(lambdas) != 1 or corrector:
+            raise DDPMError("a solver step onto sigma = 0 must be a first-order predictor")
+        return _to_zero_noise(alpha_t)
+    h = lambda_t - lambdas[0]
+    hh = -h  # data prediction integrates in -lambda
+    h_phi_1 = math.expm1(hh)
+    b_h = {"bh1": hh, "bh2": h_phi_1}[variant]
+    # r_k of the older predictions, then 1 for the newest point (x_t itself for the corrector, unused otherwise)
+    rks = [(lam - lambdas[0]) / h for lam in lambdas[1:]] + [1.0]
+    p = len(lambdas)
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1.0, 1.0
+    for i in range(1, p + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    R = np.array([[r ** (i - 1) for r in rks] for i in range(1, p + 1)])
+    if corrector:
+        rhos = [0.5] if p == 1 else [float(r) for r in np.linalg.solve(R, np.array(b))]
+    else:
+        rhos = [] if p == 1 else [0.5] if p == 2 else [float(r) for r in np.linalg.solve(R[:-1, :-1],
+                                                                                       np.array(b[:-1]))]
+    scale = -alpha_t * b_h
+    history = [scale * rho / r for rho, r in zip(rhos, rks[:-1])]  # weights of x0_s1, x0_s2, ...
+    newest = -alpha_t * h_phi_1 - sum(history)
+    x_coef = sigma_t / sigma_s
+    if not corrector:
+        return MultistepCoefficients(x_coef, (newest, *history))
+    # the corrector's extra term rho_last * (x0_t - x0_s0) with r = 1
+    return MultistepCoefficients(x_coef, (scale * rhos[-1], newest - scale * rhos[-1], *history))

@@ -131,6 +131,7 @@ def test_onnx_without_ddpm_metadata(tiny_export_dir, tmp_path, capsys):
     (["--sampler", "euler"], "'euler' is not one of"),
     (["--eta", "2", "--sampler", "ddim"], "eta must lie in"),
     (["--provider", "cuda"], None),  # this machine's onnxruntime has no CUDA provider
+    (["--threads", "-1"], "-1 is not in the range x>=0"),
 ])
 def test_bad_options(tiny_export_dir, tmp_path, capsys, args, message):
     import onnxruntime
@@ -142,6 +143,18 @@ def test_bad_options(tiny_export_dir, tmp_path, capsys, args, message):
     out = tmp_path / "s.npz"
     assert message in fail_cli(capsys, tiny_export_dir / "model.onnx", "--out", out, "--steps", "5", *args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_format_follows_its_extension_and_suffixes_match_in_any_case(tiny_export_dir, tmp_path, capsys):
+    upper = tmp_path / "MODEL.ONNX"
+    shutil.copy(tiny_export_dir / "model.onnx", upper)
+    for bad in ("g.xyz", "g"):
+        assert "Pillow writes no" in fail_cli(capsys, upper, "--n", 2, "--steps", 2, "--out", tmp_path / "s.npz",
+                                              "--grid", tmp_path / bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL.ONNX"]  # refused before sampling
+    run_cli(upper, "--n", 2, "--steps", 2, "--out", tmp_path / "s.npz", "--grid", tmp_path / "g.JPG")
+    jpeg = (tmp_path / "g.JPG").read_bytes()
+    assert jpeg[:3] == b"\xff\xd8\xff"  # a JPEG, as the name says
 
 
 def test_outputs_are_never_clobbered_or_left_partial(tiny_export_dir, tmp_path, capsys):

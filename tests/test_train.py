@@ -16,10 +16,11 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from runtime.errors import DDPMError  # noqa: E402
-from runtime.schedule import DiffusionConfig, Schedule  # noqa: E402
+from runtime.noise import chain_noise  # noqa: E402
+from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from train.data import Dataset, load_dataset, load_mnist  # noqa: E402
-from train.model import preset_config  # noqa: E402
+from train.data import Dataset, load_dataset, load_mnist, pad_to  # noqa: E402
+from train.model import preset_config, preset_image_size  # noqa: E402
 from train.sampler import sample, sample_model  # noqa: E402
 from train.trainer import Trainer, TrainConfig, ema_decay_at  # noqa: E402
 
@@ -34,19 +35,48 @@ def small_dataset(mnist: Dataset, flips: bool) -> Dataset:
 
 
 def make_trainer(data: Dataset, dropout: float = 0.0, **kw) -> Trainer:
-    model_config = replace(preset_config("tiny", 32, data.channels), dropout=dropout)
+    model_config = replace(preset_config("tiny", data.images.shape[-1], data.channels), dropout=dropout)
     return Trainer(model_config, DiffusionConfig(), data, TrainConfig(**{"batch_size": 8, "warmup": 2, **kw}))
 
 
 def test_mnist_loader(mnist: Dataset) -> None:
     x = mnist.images
-    assert x.shape == (5000, 1, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (5000, 1, 28, 28) and x.dtype == torch.float32  # MNIST's own size: no padding pixels
     assert x.min() == -1.0 and x.max() == 1.0
-    assert (x[:, :, :2] == -1).all() and (x[:, :, :, -2:] == -1).all()  # the 28 -> 32 padding is background
     assert not mnist.allow_flips
     assert np.bincount(mnist.labels).tolist() == [500] * 10
     # a '1' has far less ink than a '0'
     assert (x[mnist.labels == 1] > 0).float().mean() < 0.7 * (x[mnist.labels == 0] > 0).float().mean()
+
+
+def test_padding_only_where_the_preset_needs_it(mnist: Dataset) -> None:
+    assert preset_image_size("small", 28) == 28 and preset_image_size("tiny", 28) == 28  # 28 -> 14 -> 7
+    assert preset_image_size("cifar10", 28) == 32 and preset_image_size("cifar10", 32) == 32  # 4 levels: 8 | size
+    assert pad_to(mnist, 28) is mnist
+    padded = pad_to(mnist, 32)
+    assert padded.images.shape == (5000, 1, 32, 32) and padded.labels is mnist.labels
+    assert (padded.images[:, :, :2] == -1).all() and (padded.images[:, :, :, -2:] == -1).all()  # background
+    assert torch.equal(padded.images[:, :, 2:30, 2:30], mnist.images)
+    with pytest.raises(DDPMError, match="larger than the model's 16 x 16"):
+        pad_to(mnist, 16)
+
+
+def test_lr_schedules() -> None:
+    data = Dataset("x", torch.zeros(2, 1, 8, 8), allow_flips=False)
+    model_config = preset_config("tiny", 8, 1)
+
+    def lr(schedule: str, step: int, total: int | None) -> float:
+        config = TrainConfig(lr=1.0, warmup=10, lr_schedule=schedule)
+        return Trainer(model_config, DiffusionConfig(), data, config).lr_at(step, total)
+
+    for schedule in ("constant", "cosine"):
+        assert lr(schedule, 0, 110) == pytest.approx(0.1) and lr(schedule, 9, 110) == pytest.approx(1.0)
+    assert [lr("constant", s, 110) for s in (10, 60, 109)] == [1.0, 1.0, 1.0]
+    assert [lr("cosine", s, 110) for s in (10, 60, 110)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert lr("cosine", 35, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr("cosine", 60, None) == 1.0  # no horizon known (a bare train_step): no decay
+    with pytest.raises(DDPMError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="step")
 
 
 class Exploit:
@@ -146,11 +176,11 @@ def test_checkpoint_round_trip_is_weights_only(mnist: Dataset, tmp_path: Path) -
     raw = torch.load(path, weights_only=True)
     assert raw["step"] == 2 and raw["data"]["channels"] == 1 and raw["train_config"]["batch_size"] == 8
     ckpt = load_checkpoint(path)
-    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 900])
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.allclose(ckpt.ema_model()(x, t), trainer.ema(x, t), atol=1e-6)
     assert all(v.is_contiguous() for v in ckpt.ema.values())
-    other = Trainer(preset_config("small", 32, 1), DiffusionConfig(), trainer.dataset, trainer.config)
+    other = Trainer(preset_config("small", 28, 1), DiffusionConfig(), trainer.dataset, trainer.config)
     with pytest.raises(DDPMError, match="different model"):
         other.restore(ckpt)
 
@@ -183,11 +213,16 @@ def test_sampler_matches_hand_computed_steps(tiny_checkpoint: Path, variance_typ
     np.testing.assert_allclose(got.numpy(), x, atol=2e-5)
 
 
-def test_sampler_noise_sources(tiny_checkpoint: Path) -> None:
+def test_sample_model_draws_the_runtime_noise(tiny_checkpoint: Path) -> None:
     ckpt = load_checkpoint(tiny_checkpoint)
-    model = ckpt.ema_model()
-    a = sample_model(model, ckpt.diffusion_config, 2, steps=3, seed=1)
-    assert a.shape == (2, 1, 32, 32) and np.array_equal(a, sample_model(model, ckpt.diffusion_config, 2, 3, seed=1))
+    model, diffusion = ckpt.ema_model(), ckpt.diffusion_config
+    a = sample_model(model, diffusion, 2, steps=3, seed=1)
+    assert a.shape == (2, 1, 32, 32) and np.array_equal(a, sample_model(model, diffusion, 2, 3, seed=1))
+    # the torch loop fed the runtime's noise for seed 1 (image i: rng([1, i])) gives the same images
+    ref = sample(model, sampling_schedule(diffusion, 3), (2, 1, 32, 32), diffusion.variance_type, True,
+                 chain_noise(1, 2, (1, 32, 32), 3))
+    np.testing.assert_allclose(a, ref.clamp(-1, 1).numpy(), atol=1e-5)
+    assert np.abs(a - sample_model(model, diffusion, 2, 3, seed=2)).max() > 0.1
     with pytest.raises(DDPMError, match="injected noise has shape"):
         sample(model, Schedule.from_config(DiffusionConfig()).respace([0, 999]), (2, 1, 32, 32),
                noise=np.zeros((2, 2, 1, 32, 32)))

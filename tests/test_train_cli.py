@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
+import click
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from train.checkpoint import load_checkpoint  # noqa: E402
 from train.cli import main  # noqa: E402
+from train.model import PRESETS  # noqa: E402
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--sample-steps", "2"]
 
@@ -63,6 +67,7 @@ def test_train_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     (["--device", "tpu"], ["unknown device"]),
     (["--sample-steps", "abc"], ["abc"]),
     (["--save-every", "-1"], ["--save-every"]),
+    (["--lr-schedule", "step"], ["--lr-schedule", "step"]),
 ])
 def test_bad_input(args: list[str], words: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = {"--steps": "1", "--out": str(tmp_path / "c.pt"), "--preset": "tiny"}
@@ -96,4 +101,36 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "--preset", "nope",
                            "--steps", "1", "--out", str(tmp_path / "c.pt")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown preset 'nope'; use one of cifar10, small, tiny"]
+    assert proc.stderr.strip().splitlines() == [f"error: unknown preset 'nope'; use one of {', '.join(PRESETS)}"]
+
+
+def test_preview_is_what_ddpm_run_samples_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from runtime.cli import main as ddpm_run
+
+    out = tmp_path / "ckpt.pt"
+    code, err = run(TINY + ["--steps", 12, "--seed", 4, "--sample-steps", 3, "--out", out], capsys)
+    assert code == 0, err
+    assert "speed: " in err and "CPU s/step" in err  # measured over steps 2-11, before the run ends
+    ddpm_run([str(out), "--n", "64", "--steps", "3", "--seed", "4", "--out", str(tmp_path / "s.npz"),
+              "--grid", str(tmp_path / "run.png")])
+    preview = np.asarray(Image.open(out.with_name("ckpt.samples.png")))
+    assert preview.shape == (8 * 30 + 2, 8 * 30 + 2) and preview.std() > 10  # 64 MNIST-sized images, borders
+    assert np.array_equal(preview, np.asarray(Image.open(tmp_path / "run.png")))
+
+
+@pytest.mark.parametrize("module", ["train.cli", "runtime.cli", "ddpm_export.cli"])
+def test_every_cli_states_its_defaults_and_version(module: str) -> None:
+    import importlib
+
+    commands = [c for c in vars(importlib.import_module(module)).values() if isinstance(c, click.Command)]
+    params = [param for command in commands for param in command.params]  # groups' subcommands are in vars too
+    options = [p for p in params if isinstance(p, click.Option) and not p.is_flag
+               and isinstance(p.default, (int, float, str, Path))]  # a value, not None or click's "unset"
+    assert options
+    for option in options:  # a default is shown by click or written into the help text
+        assert option.show_default or "[default:" in (option.help or ""), option.name
+    proc = subprocess.run([sys.executable, "-c", f"from {module} import main; main()", "--version"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(importlib.metadata.version("ddpm-deploy")), proc

@@ -68,9 +68,10 @@ class Checkpoint:
         return model.to(device).eval()
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Atomically write `ckpt` (temp file + rename): an interrupted save never leaves a broken file."""
-    return atomic_write(path, lambda f: torch.save(ckpt.to_dict(), f))
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, *, replace: bool = True) -> Path:
+    """Atomically write `ckpt` (temp file + rename): an interrupted save never leaves a broken file.
+    replace=False refuses if `path` exists by now (another run's first save won the race)."""
+    return atomic_write(path, lambda f: torch.save(ckpt.to_dict(), f), replace=replace)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -6,21 +6,28 @@ before training starts, and any failure is one `error: ...` line on stderr with 
 
 from __future__ import annotations
 
+import resource
+import signal
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import click
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from runtime.errors import DDPMError, run_cli
 from runtime.fileio import check_writable
+from runtime.resources import human, require_memory
+from runtime.validation import FINITE, SEED, NonFiniteError, require_suffix
 from runtime.schedule import DiffusionConfig, sampling_schedule
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.data import DATASETS, load_dataset
-from train.model import PRESETS, count_parameters, preset_config
+from train.data import DATASETS, load_dataset, pad_to
+from train.model import PRESETS, ModelConfig, count_parameters, preset_config, preset_image_size
 from train.sampler import save_sample_grid
-from train.trainer import DistInfo, Trainer, TrainConfig, pick_device
+from train.trainer import LR_SCHEDULES, DistInfo, Trainer, TrainConfig, pick_device
 
 DEFAULTS = TrainConfig()
 
@@ -39,38 +46,88 @@ def make_parent(out: Path) -> None:
             from None
 
 
+def check_batch_memory(per_rank: int, config: ModelConfig, device: torch.device) -> None:
+    """Refuse a batch that cannot fit before allocating it: a lower bound, four full-resolution feature maps per
+    image (input conv, one res block, output conv) kept for the backward pass."""
+    need = 4 * per_rank * config.base_channels * config.image_size ** 2 * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise DDPMError(f"--batch-size {per_rank} per GPU needs at least {human(need)} of GPU memory, "
+                            f"{human(free)} is free on {device}; lower --batch-size")
+        return
+    require_memory(need, f"--batch-size {per_rank}", "lower --batch-size")
+
+
 def check_outputs(out: Path, overwrite: bool) -> None:
     check_writable(out, force=overwrite)
     check_writable(samples_path(out), force=overwrite)
 
 
+class SpeedProbe:
+    """Measures this machine's training speed over the first `window` steps after the first one (which pays for
+    one-time set-up) and prints it once, with the time the whole run will take at that pace."""
+
+    def __init__(self, start: int, until: int, window: int = 10):
+        self.first, self.last, self.until = start + 1, start + 1 + window, until
+        self.t0 = self.cpu0 = 0.0
+
+    @staticmethod
+    def _cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def __call__(self, step: int) -> None:
+        if step == self.first:
+            self.t0, self.cpu0 = time.perf_counter(), self._cpu()
+        elif step == self.last:
+            n = self.last - self.first
+            wall, cpu = (time.perf_counter() - self.t0) / n, (self._cpu() - self.cpu0) / n
+            tqdm.write(f"speed: {1 / wall:.2f} steps/s ({wall:.2f} s/step, {cpu:.2f} CPU s/step on "
+                       f"{torch.get_num_threads()} threads) over steps {self.first + 1}-{self.last}; "
+                       f"the remaining {self.until - step} steps take about {(self.until - step) * wall / 60:.1f} "
+                       "min at this pace", file=sys.stderr)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddpm-deploy", prog_name="ddpm-train")
 @click.option("--dataset", default="mnist", show_default=True, help=f"One of {', '.join(DATASETS)}.")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder of CIFAR-10 batches or of images.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Folder of CIFAR-10 batches or of images "
+              "(cifar10, folder).")
 @click.option("--preset", default="small", show_default=True, help=f"Model size: {', '.join(PRESETS)}.")
-@click.option("--steps", type=int, required=True, help="Total optimisation steps (counting resumed ones).")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Global batch.")
+@click.option("--steps", type=int, required=True, help="Total optimisation steps, counting resumed ones.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
+              help="Global batch in images per step, split over the ranks.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (.pt).")
-@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Adam learning rate.")
-@click.option("--ema-decay", type=float, default=DEFAULTS.ema_decay, show_default=True,
-              help="EMA decay (warmed up as min(decay, (1+step)/(10+step))).")
-@click.option("--warmup", type=int, default=DEFAULTS.warmup, show_default=True, help="Linear lr warm-up steps.")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seeds weights and all draws.")
+@click.option("--lr", type=FINITE, default=DEFAULTS.lr, show_default=True, help="Adam learning rate (peak).")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=DEFAULTS.lr_schedule, show_default=True,
+              help="After warm-up: constant, or cosine decay to 0 at --steps.")
+@click.option("--ema-decay", type=FINITE, default=DEFAULTS.ema_decay, show_default=True,
+              help="EMA decay per step (warmed up as min(decay, (1+step)/(10+step))).")
+@click.option("--warmup", type=int, default=DEFAULTS.warmup, show_default=True,
+              help="Linear lr warm-up, in steps.")
+@click.option("--seed", type=SEED, default=DEFAULTS.seed, show_default=True,
+              help="Seeds the weights, every training draw and the preview noise.")
 @click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also write the sample grid every K steps (0: only at the end).")
+              help="Also write the preview grid every K steps (0: only at the end).")
 @click.option("--sample-steps", default="100", show_default=True,
-              help="Sampling steps for the preview grid (respaced; 1000 = the full chain).")
-@click.option("--save-every", type=click.IntRange(min=0), default=1000, show_default=True, help="Checkpoint every K steps.")
+              help="Sampling steps of the 64-image preview grid (respaced ancestral DDPM; 1000 = the full chain).")
+@click.option("--preview/--no-preview", default=True, show_default=True,
+              help="Write the preview grid at the end (--no-preview: sample the checkpoint later with ddpm-run).")
+@click.option("--save-every", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Checkpoint every K steps (0: only at the end).")
 @click.option("--resume", is_flag=True, help="Continue the run stored in --out (same loss sequence).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available).")
-@click.option("--force", is_flag=True, help="Overwrite an existing --out and its sample grid.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: CUDA if available, else cpu]")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out and its preview grid.")
 @click.pass_context
 def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, preset: str, steps: int, batch_size: int,
-                  out: Path, lr: float, ema_decay: float, warmup: int, seed: int, sample_every: int,
-                  sample_steps: str, save_every: int, resume: bool, device: str | None, force: bool) -> None:
+                  out: Path, lr: float, lr_schedule: str, ema_decay: float, warmup: int, seed: int,
+                  sample_every: int, sample_steps: str, preview: bool, save_every: int, resume: bool,
+                  device: str | None, force: bool) -> None:
     """Train a DDPM eps-UNet (Ho et al. 2020) and write a checkpoint plus <out stem>.samples.png."""
     if steps < 1:
         raise DDPMError(f"--steps must be >= 1, got {steps}")
+    require_suffix(out, (".pt",), "--out", "a PyTorch checkpoint that ddpm-export and ddpm-run recognise by")
     if preset not in PRESETS:
         raise DDPMError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     if resume and force:
@@ -79,9 +136,10 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
         raise DDPMError(f"nothing to resume: {out} does not exist; drop --resume to start a new run")
     if out.parent.is_dir():  # else the folder is created (and checked) once the other options are known good
         check_outputs(out, force or resume)
-    explicit = {name for name in ("preset", "batch_size", "lr", "ema_decay", "warmup", "seed")
+    explicit = {name for name in ("preset", "batch_size", "lr", "lr_schedule", "ema_decay", "warmup", "seed")
                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    config = TrainConfig(batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed)
+    config = TrainConfig(batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup=warmup, ema_decay=ema_decay,
+                         seed=seed)
     ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         if ckpt.data.get("dataset") != dataset:
@@ -105,35 +163,70 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-    model_config = preset_config(preset, data.images.shape[-1], data.channels)
+    model_config = preset_config(preset, preset_image_size(preset, data.images.shape[-1]), data.channels)
     if ckpt is not None and "preset" not in explicit:  # an explicit, different --preset fails in restore()
         model_config = ckpt.model_config
+    data = pad_to(data, model_config.image_size)
+    check_batch_memory(config.batch_size // dist_info.world_size, model_config, dev)
     trainer = Trainer(model_config, diffusion, data, config, dev, dist_info)
     if ckpt is not None:
         trainer.restore(ckpt)
 
+    probe = SpeedProbe(trainer.step, steps)
+    saved = {"step": ckpt.step if ckpt is not None else None}  # the last checkpoint on disk
+
+    def save() -> None:
+        save_checkpoint(out, trainer.checkpoint(), replace=force or resume or saved["step"] is not None)
+        saved["step"] = trainer.step
+
     def on_step(step: int, loss: float) -> None:
-        if not dist_info.is_main or step == steps:
+        if not dist_info.is_main:
+            return
+        probe(step)
+        if step == steps:
             return
         if save_every and step % save_every == 0:
-            save_checkpoint(out, trainer.checkpoint())
+            save()
         if sample_every and step % sample_every == 0:
-            save_sample_grid(samples_path(out), trainer.ema, trainer.diffusion_config, steps=sample_steps,
-                             seed=config.seed)
+            save_sample_grid(samples_path(out), trainer.sampling_model(), trainer.diffusion_config,
+                             steps=sample_steps, seed=config.seed)
 
     if dist_info.is_main:
         click.echo(f"training a {count_parameters(trainer.model):,}-parameter UNet on "
                    f"{dataset} ({len(data.images)} images) on {dev}, steps {trainer.step} -> {steps}", err=True)
-    trainer.train(steps, on_step)
-    if dist_info.is_main:
-        save_checkpoint(out, trainer.checkpoint())
-        grid = save_sample_grid(samples_path(out), trainer.ema, trainer.diffusion_config, steps=sample_steps,
-                                seed=config.seed)
+    try:
+        trainer.train(steps, on_step)
+        if dist_info.is_main:
+            save()
+    except NonFiniteError as exc:
+        kept = (f"{out} keeps the last good checkpoint (step {saved['step']}); continue it with --resume and a "
+                "lower --lr" if saved["step"] is not None else "no checkpoint was written; rerun with a lower --lr")
+        raise NonFiniteError(f"{exc}; {kept}") from None
+    except (dist.DistError, RuntimeError) as exc:
+        if dist_info.world_size == 1:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DDPMError(f"rank {dist_info.rank} lost its peers ({first}); check the other ranks' output, then "
+                        "continue from the last periodic checkpoint with --resume") from None
+    if dist_info.is_main and preview:
+        grid = save_sample_grid(samples_path(out), trainer.sampling_model(), trainer.diffusion_config,
+                                steps=sample_steps, seed=config.seed)
         click.echo(f"wrote {out} and {grid}", err=True)
+    elif dist_info.is_main:
+        click.echo(f"wrote {out}", err=True)
     if dist_info.world_size > 1:
         dist.destroy_process_group()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (torchrun stopping a job, kill) ends like Ctrl-C: no temp file left behind
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     run_cli(train_command, "ddpm-train", argv,
             interrupted="interrupted; the last periodic checkpoint (if any) is intact, continue with --resume")
+
+
+if __name__ == "__main__":  # python -m train.cli, e.g. under torchrun -m
+    main()

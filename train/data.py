@@ -1,4 +1,5 @@
-"""Training images as float32 tensors [N, C, 32, 32] in [-1, 1], from embedded MNIST, CIFAR-10 batches or a folder.
+"""Training images as float32 tensors [N, C, H, W] in [-1, 1], from embedded MNIST (28 x 28), CIFAR-10 batches or a
+folder (32 x 32).
 
 User files are never trusted: CIFAR-10 pickles go through an unpickler that can only rebuild NumPy arrays.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import pickle
-from dataclasses import dataclass
+import pickletools
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import DDPMError
+from runtime.resources import human
 
 DATASETS = ("mnist", "cifar10", "folder")
 IMAGE_SIZE = 32
@@ -29,7 +33,7 @@ class Dataset:
     """Images in model space plus what the trainer and the quality check need to know about them."""
 
     name: str
-    images: torch.Tensor  # float32 [N, C, 32, 32] in [-1, 1]
+    images: torch.Tensor  # float32 [N, C, H, W] in [-1, 1]
     allow_flips: bool
     labels: np.ndarray | None = None  # int64 [N] where known
 
@@ -64,10 +68,65 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist() -> Dataset:
-    """MNIST padded 28 -> 32 with background (black, -1); no flips, digits are not mirror-symmetric."""
+    """MNIST at its own 28 x 28 (a 3-level UNet divides it: 28, 14, 7); no flips, digits are not mirror-symmetric."""
     digits, labels = mnist_arrays()
-    padded = np.pad(digits, ((0, 0), (2, 2), (2, 2)))[:, None]
-    return Dataset("mnist", _to_model_space(padded), allow_flips=False, labels=labels)
+    return Dataset("mnist", _to_model_space(digits[:, None]), allow_flips=False, labels=labels)
+
+
+def pad_to(dataset: Dataset, size: int) -> Dataset:
+    """Centre the images on a `size` x `size` background (-1, MNIST's black) for a UNet that cannot divide their
+    own size (28 x 28 MNIST under the 4-level cifar10 preset becomes 32 x 32)."""
+    h, w = dataset.images.shape[-2:]
+    if (h, w) == (size, size):
+        return dataset
+    if h > size or w > size:
+        raise DDPMError(f"{dataset.name} images are {h} x {w}, larger than the model's {size} x {size}; "
+                        "use the model's own dataset or a matching checkpoint")
+    top, left = (size - h) // 2, (size - w) // 2
+    padded = torch.nn.functional.pad(dataset.images, (left, size - w - left, top, size - h - top), value=-1.0)
+    return replace(dataset, images=padded)
+
+
+class _BoundedArray(np.ndarray):
+    """numpy.ndarray as the unpickler hands it out: a pickle calling ndarray(shape) directly may not declare an
+    array larger than its own file (CIFAR batches hold their data, they never ask for empty room)."""
+
+    limit = 0
+
+    def __new__(cls, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> "_BoundedArray":
+        size = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if size > cls.limit:
+            raise pickle.UnpicklingError(f"it declares a {human(size)} array in a {human(cls.limit)} file")
+        return super().__new__(cls, shape, dtype, *args, **kwargs)
+
+
+class _LengthChecked:
+    """A file for pickletools.genops that refuses any read the file cannot satisfy before Python allocates it."""
+
+    def __init__(self, f: Any, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.f.tell()
+        if n > left:
+            raise pickle.UnpicklingError(f"it declares {human(n)} of data where {human(left)} remain")
+        return self.f.read(n)
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def check_declared_sizes(path: Path) -> None:
+    """Walk the pickle's opcodes without building anything: every length it declares must fit in the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        for op, arg, pos in pickletools.genops(_LengthChecked(f, size)):
+            if op.name == "FRAME" and arg > size - f.tell():
+                raise pickle.UnpicklingError(f"it declares a {human(arg)} frame where {human(size - f.tell())} "
+                                             "remain")
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -84,6 +143,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "ndarray"):
+            return _BoundedArray
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
@@ -91,12 +152,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 def safe_unpickle(path: Path) -> Any:
     try:
+        check_declared_sizes(path)
+        _BoundedArray.limit = path.stat().st_size
         with open(path, "rb") as f:
             return NumpyOnlyUnpickler(f, encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise DDPMError(f"{path} is not a plain CIFAR-10 batch ({exc}); use the python-format batches from "
                         "cifar-10-python.tar.gz") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, OSError, MemoryError) as exc:
         raise DDPMError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}); use the python-format "
                         "batches from cifar-10-python.tar.gz") from None
 
@@ -112,6 +175,7 @@ def load_cifar10(data_dir: Path) -> Dataset:
     for path in batches:
         batch = safe_unpickle(path)
         data = batch.get(b"data") if isinstance(batch, dict) else None
+        data = np.asarray(data) if isinstance(data, np.ndarray) else data  # a plain ndarray, not _BoundedArray
         if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
         arrays.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
@@ -143,9 +207,14 @@ def load_folder(data_dir: Path) -> Dataset:
     images = []
     for path in files:
         try:
-            with Image.open(path) as img:
-                images.append(_square_32(img))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            with warnings.catch_warnings():  # PIL only warns between its limit and twice its limit
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    images.append(_square_32(img))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DDPMError(f"image {path} is too large to decode safely, a decompression bomb? "
+                            f"({str(exc).split(',')[0]}); remove it or shrink it") from None
+        except (UnidentifiedImageError, OSError, ValueError, MemoryError) as exc:
             raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
     return Dataset("folder", _to_model_space(np.stack(images)), allow_flips=True)
 

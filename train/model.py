@@ -56,13 +56,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's CIFAR-10 model: 35,746,307 parameters.
     "cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
                     dropout=0.1, num_groups=32),
-    # Trains to recognisable MNIST digits in minutes on 2 CPU cores.
-    "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+    # The paper's 256 x 256 models (LSUN church/bedroom/cat, CelebA-HQ; google/ddpm-church-256's block structure).
+    "lsun256": dict(base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,),
+                    dropout=0.0, num_groups=32),
+    # Trains to recognisable MNIST digits in minutes on 2 CPU cores; attention at the lowest level, 7 x 7 for
+    # 28 x 28 MNIST or 8 x 8 for 32 x 32 images.
+    "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7, 8),
                   dropout=0.0, num_groups=8),
     # For tests: as fast as a UNet with every block type can be.
     "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
                  dropout=0.0, num_groups=4),
 }
+
+
+def preset_image_size(name: str, size: int) -> int:
+    """The smallest size >= `size` that the preset's UNet divides (each level but the last halves it)."""
+    if name not in PRESETS:
+        raise DDPMError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    multiple = 2 ** (len(PRESETS[name]["channel_mult"]) - 1)
+    return -(-size // multiple) * multiple
 
 
 def preset_config(name: str, image_size: int, channels: int) -> ModelConfig:

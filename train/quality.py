@@ -1,7 +1,8 @@
 """A quality figure for generated digits: how many does a classifier trained on real MNIST label confidently?
 
 The classifier is a small scikit-learn MLP fitted on the embedded mnist_5k digits minus a fixed held-out set of 256,
-which serves as the real-image baseline. Samples are 32 x 32 (MNIST padded by 2), so they are center-cropped to 28.
+which serves as the real-image baseline. Samples larger than 28 x 28 (32 x 32 from models trained on padded MNIST)
+are center-cropped to 28.
 Classifiers are over-confident far from their data (pure noise would get "confident" labels), so the MLP also learns
 an eleventh "not a digit" class from pixel-shuffled digits, blotches and noise; an image labelled that way never
 counts as confident. (Sloppy but readable digits are not junk: they simply get lower confidence.)
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import DDPMError
+from runtime.frechet import frechet_from_stats, gaussian_stats
 from train.data import mnist_arrays
 
 HELD_OUT = 256
@@ -83,6 +85,25 @@ def classify(images_uint8_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = _as_28x28(images_uint8_nhwc)
     probs = _classifier().predict_proba(x.reshape(len(x), -1) / 255.0)
     return probs.argmax(axis=1), probs.max(axis=1)
+
+
+def features(images_uint8_nhwc: np.ndarray) -> np.ndarray:
+    """The classifier's hidden-layer activations (N x 128, ReLU), the feature space of `digit_frechet`."""
+    x = _as_28x28(images_uint8_nhwc).reshape(len(images_uint8_nhwc), -1) / 255.0
+    clf = _classifier()
+    return np.maximum(x @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_stats() -> tuple[np.ndarray, np.ndarray]:
+    digits, _ = mnist_arrays()
+    return gaussian_stats(features(digits[..., None]))
+
+
+def digit_frechet(images_uint8_nhwc: np.ndarray) -> float:
+    """Frechet distance between the images and all 5,000 real digits in the classifier's features (an FID for
+    digits). Small samples carry a bias of their own, so compare figures at equal N."""
+    return frechet_from_stats(*gaussian_stats(features(images_uint8_nhwc)), *_reference_stats())
 
 
 @dataclass

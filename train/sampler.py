@@ -1,7 +1,9 @@
 """The eager reference sampler (torch): ancestral DDPM with the runtime's own tables and step formula.
 
-Noise convention (shared with the runtime): noise[0] is x_T, noise[1 + j] is the noise of the j-th step taken,
+Noise convention (the runtime's, `runtime.noise`): noise[0] is x_T, noise[1 + j] is the noise of the j-th step taken,
 counting from the first (t = T-1) step; the last step's noise is drawn too and multiplied by a zero scale.
+`sample_model` (the training preview, digit_quality.py) runs the runtime's own loop, so its samples at seed s are
+exactly `ddpm-run ckpt.pt --seed s` with the same steps.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ from tqdm import tqdm
 
 from runtime.errors import DDPMError
 from runtime.images import save_grid
-from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule
+from runtime.noise import SeededNoise
+from runtime.samplers import Chain
+from runtime.samplers import sample as runtime_sample
+from runtime.schedule import DiffusionConfig, Schedule
 from runtime.steps import Clip, DDPMCoefficients, ddpm_step, split_output
 
 # noise(i, shape) -> tensor; i = 0 for x_T, 1 + j for step j
 NoiseFn = Callable[[int, tuple[int, ...]], Union[torch.Tensor, np.ndarray]]
-Noise = Union[torch.Generator, NoiseFn, np.ndarray, torch.Tensor, None]
+Noise = Union[NoiseFn, np.ndarray, torch.Tensor, None]
 
 
 def _noise_source(noise: Noise, steps: int, shape: tuple[int, ...]) -> NoiseFn:
-    if noise is None or isinstance(noise, torch.Generator):
-        gen = noise
-        return lambda i, s: torch.randn(s, generator=gen)
+    if noise is None:  # the runtime's seeded noise, seed 0
+        source = SeededNoise(0, 0, shape[0], shape[1:])
+        return lambda i, s: source.draw()
     if isinstance(noise, (np.ndarray, torch.Tensor)):
         arr = torch.as_tensor(noise, dtype=torch.float32)
         if tuple(arr.shape) != (steps + 1, *shape):
@@ -35,7 +40,7 @@ def _noise_source(noise: Noise, steps: int, shape: tuple[int, ...]) -> NoiseFn:
         return lambda i, s: arr[i]
     if callable(noise):
         return noise
-    raise DDPMError("noise must be a torch.Generator, a callable or an array [K+1, N, C, H, W]")
+    raise DDPMError("noise must be a callable or an array [K+1, N, C, H, W]")
 
 
 @torch.no_grad()
@@ -43,7 +48,8 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
            clip_denoised: Clip = True, noise: Noise = None, progress: bool = False) -> torch.Tensor:
     """Draw samples of `shape` [N, C, H, W] by walking `schedule` (full or respaced) from x_T down to x_0.
 
-    `model(x, t)` returns eps, or eps and v ([N, 2C, H, W]) for learned_range; `clip_denoised` is a bool or a bound."""
+    `model(x, t)` returns eps, or eps and v ([N, 2C, H, W]) for learned_range; `clip_denoised` is a bool or a bound.
+    Tensors stay on the model's device; `noise` defaults to the runtime's seeded noise at seed 0."""
     device = next(model.parameters()).device
     K = len(schedule)
     draw = _noise_source(noise, K, tuple(shape))
@@ -59,12 +65,19 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
 
 def sample_model(model: torch.nn.Module, diffusion: DiffusionConfig, n: int, steps: int | str | None = None,
                  seed: int = 0, progress: bool = False) -> np.ndarray:
-    """n samples [n, C, H, W] float32 in [-1, 1] from a model with the checkpoint's schedule and variance."""
+    """n samples [n, C, H, W] float32 in [-1, 1] from a model with the checkpoint's schedule and variance: the
+    runtime's loop and noise around the module, as the eager backend of `ddpm-run ckpt.pt --seed seed` runs it."""
     cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    x = sample(model, sampling_schedule(diffusion, steps), (n, cfg.in_channels, cfg.image_size, cfg.image_size),
-               diffusion.variance_type, diffusion.clip_range if diffusion.clip_denoised else None, gen, progress)
-    return x.clamp(-1.0, 1.0).cpu().numpy()
+    device = next(model.parameters()).device
+
+    def eps(x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x_t).to(device), torch.from_numpy(t).to(device)).float().cpu().numpy()
+
+    chain = Chain.build(diffusion, "ddpm", steps)
+    x = runtime_sample(eps, chain, n, image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size), seed=seed,
+                       progress=progress)
+    return np.clip(x, -1.0, 1.0)
 
 
 def save_sample_grid(path: str | Path, model: torch.nn.Module, diffusion: DiffusionConfig, n: int = 64,

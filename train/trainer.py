@@ -8,6 +8,7 @@ Under `torchrun` every rank draws the same global batch from that generator and 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
@@ -20,9 +21,13 @@ from tqdm import tqdm
 from runtime.errors import DDPMError
 from runtime.schedule import DiffusionConfig, Schedule
 from runtime.steps import q_sample
+from runtime.validation import NonFiniteError
 from train.checkpoint import Checkpoint
 from train.data import Dataset
 from train.model import ModelConfig, UNet
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch, split over ranks
     lr: float = 2e-4
     warmup: int = 100  # linear lr warm-up steps (the paper: 5000 over 800k steps)
+    lr_schedule: str = "constant"  # after warm-up: "constant" (the paper) or "cosine" (decay to 0 at the last step)
     ema_decay: float = 0.995  # see ema_decay_at: capped early by (1 + step) / (10 + step)
     grad_clip: float = 1.0
     seed: int = 0
@@ -43,6 +49,8 @@ class TrainConfig:
             raise DDPMError(f"--lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise DDPMError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DDPMError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise DDPMError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
@@ -124,8 +132,15 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def lr_at(self, step: int) -> float:
-        return self.config.lr * min(1.0, (step + 1) / self.config.warmup) if self.config.warmup else self.config.lr
+    def lr_at(self, step: int, total: int | None = None) -> float:
+        """Linear warm-up, then constant or (with the run's last step `total` known) a cosine decay to 0.
+        A short CPU run gains most from the decay: the last steps average out the noise of the large rate."""
+        c = self.config
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        if c.lr_schedule == "cosine" and total is not None and total > c.warmup:
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - c.warmup) / (total - c.warmup))))
+        return c.lr
 
     def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's slice of the global batch (indices drawn uniformly, with replacement): x0, t and eps."""
@@ -146,10 +161,11 @@ class Trainer:
         x_t = q_sample(x0, noise, self.sqrt_ac[t][:, None, None, None], self.sqrt_1m_ac[t][:, None, None, None])
         return ((self.net(x_t, t) - noise) ** 2).mean()
 
-    def train_step(self) -> float:
+    def train_step(self, total: int | None = None) -> float:
+        """One optimisation step; `total` (the run's last step) sets the horizon of a cosine lr decay."""
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step, total)
         loss = self.loss(*self.draw_batch())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +177,9 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(value)
             value /= self.dist.world_size
+        if not math.isfinite(float(value)):  # every rank sees the reduced value, so all stop together
+            raise NonFiniteError(f"the training loss became {float(value)} at step {self.step}: the run diverged "
+                                 "(--lr too high?)")
         return float(value)
 
     @torch.no_grad()
@@ -177,16 +196,27 @@ class Trainer:
         with tqdm(total=until, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main,
                   dynamic_ncols=True) as bar:
             while self.step < until:
-                losses.append(self.train_step())
+                losses.append(self.train_step(until))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
                 if on_step is not None:
                     on_step(self.step, losses[-1])
         return losses
 
+    def sampling_model(self) -> UNet:
+        """The EMA weights in a plain (contiguous, eval) UNet, built as `ddpm-run ckpt.pt` builds it from the
+        checkpoint, so the preview grid is what sampling the checkpoint gives (the EMA copy trains channels-last)."""
+        model = UNet(self.model_config)
+        model.load_state_dict(self.ema.state_dict())
+        return model.to(self.device).eval()
+
     def checkpoint(self) -> Checkpoint:
         """Everything needed to sample, export or resume, as CPU tensors."""
         cpu = lambda sd: {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}  # noqa: E731
+        for name, module in (("weights", self.model), ("EMA weights", self.ema)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                raise NonFiniteError(f"the {name} hold NaN or inf at step {self.step}: the run diverged "
+                                     "(--lr too high?)")
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
         return Checkpoint(

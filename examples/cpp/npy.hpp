@@ -100,8 +100,9 @@ class Float32Reader {
   std::vector<int64_t> shape_;
 };
 
-// Writes a float32 C-order array as .npy (format version 1.0), via a temporary file renamed into place.
-inline void write_float32(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+// Writes a float32 C-order array as .npy (format version 1.0) to an open file; false if a write failed.
+// (The caller makes it atomic: see atomic_write in ddpm_sample.cpp.)
+inline bool write_float32(std::FILE* f, const float* data, const std::vector<int64_t>& shape) {
   std::string dims;
   size_t n = 1;
   for (size_t i = 0; i < shape.size(); ++i) {
@@ -113,20 +114,12 @@ inline void write_float32(const std::string& path, const float* data, const std:
   size_t total = 10 + header.size() + 1;  // magic + version + length, header, '\n'
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
-  std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (!f) throw std::runtime_error("cannot write " + path);
   const unsigned char pre[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
   const unsigned char len[2] = {static_cast<unsigned char>(header.size() & 0xff),
                                 static_cast<unsigned char>(header.size() >> 8)};
-  bool ok = std::fwrite(pre, 1, 8, f) == 8 && std::fwrite(len, 1, 2, f) == 2 &&
-            std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
-            std::fwrite(data, sizeof(float), n, f) == n;
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw std::runtime_error("cannot write " + path);
-  }
+  return std::fwrite(pre, 1, 8, f) == 8 && std::fwrite(len, 1, 2, f) == 2 &&
+         std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+         std::fwrite(data, sizeof(float), n, f) == n;
 }
 
 }  // namespace npy

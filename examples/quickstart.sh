@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data: train the small eps-UNet on real 28 x 28 MNIST digits (CPU), export it
-# to ONNX (FP32, FP16, step graph) with validation, then sample 64 digits with the lean runtime and write a PNG grid.
+# to ONNX (FP32, FP16, step graph) with validation, then sample 64 digits with the lean runtime and write a PNG grid
+# (SDE-DPM-Solver++(2M) at 20 steps: on this model as good as 100 ancestral DDPM steps, for a fifth of the calls).
 # One line per stage with its time; ddpm-train also prints this machine's measured steps/s after its first steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,8 @@ mkdir -p "$run"
 stage "training ($steps steps)" .venv/bin/ddpm-train --dataset mnist --preset small --steps "$steps" \
   --batch-size 64 --lr 2e-3 --lr-schedule cosine --warmup 50 --no-preview --out "$run/ckpt.pt"
 stage "export + validation" .venv/bin/ddpm-export "$run/ckpt.pt" --out-dir "$run/export"
-stage "sampling 64 digits" .venv/bin/ddpm-run "$run/export/model.onnx" --n 64 --sampler ddpm --steps 100 --seed 0 \
-  --out "$run/samples.npz" --grid "$run/samples.png"
+stage "sampling 64 digits" .venv/bin/ddpm-run "$run/export/model.onnx" --n 64 --sampler sde-dpm++2m --steps 20 \
+  --seed 0 --out "$run/samples.npz" --grid "$run/samples.png"
 total=$((SECONDS - start))
 echo "quickstart: done in $((total / 60)) min $((total % 60)) s; the digits are in $run/samples.png (grid) and" \
   "$run/samples.npz (arrays), the model in $run/ckpt.pt and $run/export/" >&2

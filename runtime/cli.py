@@ -11,7 +11,7 @@ from runtime.backends import PROVIDERS, open_model
 from runtime.errors import DDPMError, run_cli
 from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
-from runtime.noise import load_noise, save_noise
+from runtime.noise import check_save_noise, load_noise, save_noise
 from runtime.samplers import SAMPLERS, Chain, sample_batches
 from runtime.schedule import SPACINGS, VARIANCE_TYPES
 from runtime.streaming import SampleStore
@@ -95,6 +95,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str, spacing: str | Non
     if grid is not None:
         check_grid_format(grid, min(n, GRID_MAX), shape)
     noise = load_noise(noise_file, n, shape, len(chain)) if noise_file is not None else None
+    if noise_out is not None:
+        check_save_noise(n, shape)
     store = SampleStore(out, n, shape, _run_key(model, backend.description, chain, seed, noise_file))
     store.lock(force)
     try:

@@ -100,11 +100,16 @@ def chain_noise(seed: int, n: int, image_shape: tuple[int, int, int], num_steps:
     return np.stack([source.draw() for _ in range(num_steps + 1)])
 
 
+def check_save_noise(n: int, image_shape: tuple[int, int, int]) -> None:
+    """save_noise holds one step of all n images (and its bytes): refuse before sampling what cannot fit."""
+    require_memory(2 * n * int(np.prod(image_shape)) * 4, f"--save-noise for {n} images", "lower --n")
+
+
 def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int, *,
                replace: bool = True) -> Path:
     """Write the noise file of a seeded run, streaming one step at a time (memory: one step of all N images)."""
     shape = (num_steps + 1, n, *image_shape)
-    require_memory(2 * n * int(np.prod(image_shape)) * 4, f"--save-noise for {n} images", "lower --n")
+    check_save_noise(n, image_shape)
 
     def write(f) -> None:  # type: ignore[no-untyped-def]
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})

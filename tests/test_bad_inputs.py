@@ -45,18 +45,21 @@ PROGRESS = re.compile(r"\d+%\||\r|it/s|step/s|s/step|^training a ")  # tqdm bars
 # ---------------------------------------------------------------- artifacts (made once per module)
 
 def graph_model(path: Path, kind: str = "eps", scale: float = 0.5, shape: tuple[int, int, int] = SHAPE,
-                meta_shape: tuple[int, int, int] | None = None, T: int = T_GRAPH, out_shape: tuple | None = None) -> Path:
+                meta_shape: tuple[int, int, int] | None = None, T: int = T_GRAPH, pool: bool = False) -> Path:
     """A one-node ddpm-deploy graph: eps = scale * x_t ("eps"), or x_prev = scale * x_t ("step"). `meta_shape` makes
-    the metadata lie about the image shape, `out_shape` the graph's declared output shape."""
+    the metadata lie about the image shape; `pool` makes the output a 2 x 2 average pool of x_t (half its size)."""
     x = helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["B", *shape])
     t = helper.make_tensor_value_info("t", TensorProto.INT64, ["B"])
     inputs = [x, t]
     if kind == "step":
         inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["B", *shape]))
     name = "x_prev" if kind == "step" else "eps"
-    out = helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", *(out_shape or shape)])
+    c, h, w = shape
+    out = helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", c, *((h // 2, w // 2) if pool else (h, w))])
     k = helper.make_tensor("k", TensorProto.FLOAT, [], [scale])
-    graph = helper.make_graph([helper.make_node("Mul", ["x_t", "k"], [name])], kind, inputs, [out], [k])
+    node = (helper.make_node("AveragePool", ["x_t"], [name], kernel_shape=[2, 2], strides=[2, 2]) if pool
+            else helper.make_node("Mul", ["x_t", "k"], [name]))
+    graph = helper.make_graph([node], kind, inputs, [out], [k])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     info = ModelInfo(diffusion=DiffusionConfig(num_timesteps=T), image_shape=meta_shape or shape, kind=kind,
@@ -83,7 +86,8 @@ def art(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_ex
         "nanstep": graph_model(d / "nanstep.onnx", kind="step", scale=float("inf")),
         "bigstep": graph_model(d / "bigstep.onnx", kind="step", shape=(3, 512, 512)),
         "lyingstep": graph_model(d / "lyingstep.onnx", kind="step", meta_shape=(3, 8, 8)),
-        "lyingeps": graph_model(d / "lyingeps.onnx", out_shape=(1, 4, 4)),
+        "lyingeps": graph_model(d / "lyingeps.onnx", pool=True),
+        "bigeps": graph_model(d / "bigeps.onnx", shape=(3, 512, 512)),
         "mismatched": save_checkpoint(d / "mismatched.pt", mismatched),
         "nanckpt": save_checkpoint(d / "nanckpt.pt", nan),
         "noise": _npy(d / "noise.npy", np.zeros((STEPS + 1, 2, *SHAPE), np.float32)),
@@ -198,10 +202,12 @@ def C(kind: int, argv: str, pattern: str, prep: Callable | None = None) -> Case:
 OUT = "--out {tmp}/s.npz --steps 2 --threads 1"
 CASES: dict[str, Case] = {
     # ddpm-run
-    "run-n-beyond-disk": R(1, "{eps} --n 100000000 " + OUT, r"not enough disk space for 100000000 images"),
+    "run-n-beyond-disk": R(1, "{eps} --n 10000000000 " + OUT, r"not enough disk space for 10000000000 images"),
     "run-batch-beyond-model": R(1, "{onnx} --n 8 --batch-size 5 " + OUT, r"batch size must lie in 1\.\.4"),
-    "run-batch-beyond-memory": R(1, "{ckpt} --n 100000000000 --batch-size 100000000000 " + OUT,
-                                 r"a batch of 100000000000 images needs at least [\d.]+ TiB of memory"),
+    "run-batch-beyond-memory": R(1, "{bigeps} --n 100000 --batch-size 100000 " + OUT,
+                                 r"a batch of 100000 images needs at least [\d.]+ TiB of memory"),
+    "run-save-noise-beyond-memory": R(1, "{bigeps} --n 1000000 --save-noise {tmp}/n.npy " + OUT,
+                                      r"--save-noise for 1000000 images needs at least [\d.]+ TiB of memory"),
     "run-eta-nan": R(2, "{eps} --sampler ddim --eta nan " + OUT, r"--eta.*'nan' is not a finite number"),
     "run-eta-inf": R(2, "{eps} --sampler ddim --eta inf " + OUT, r"--eta.*'inf' is not a finite number"),
     "run-noise-nan": R(2, "{eps} --n 2 --steps 4 --noise {tmp}/noise.npy --out {tmp}/s.npz",

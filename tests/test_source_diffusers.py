@@ -78,10 +78,15 @@ def diffusers_chain(unet: UNet2DModel, scheduler: DDPMScheduler, noise: np.ndarr
     then step j's draw (diffusers draws only for t > 0, and our t = 0 draw is the one it skips)."""
     draws = iter(noise[1:])  # step j's draw; the last (t = 0) is never asked for
     x = torch.from_numpy(noise[0].copy())
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(draws)))
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs: on a busy 2-core machine two threads were 15x slower than one
+    try:
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(draws)))
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    finally:
+        torch.set_num_threads(threads)
     return x.numpy()
 
 

@@ -42,6 +42,9 @@ def make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise DDPMError(f"cannot write {out}: {blocker} is a file, not a folder; choose another --out") from None
         raise DDPMError(f"cannot create folder {out.parent} for {out} ({exc.strerror}); choose another --out") \
             from None
 

@@ -323,7 +323,8 @@ StepModel inspect(const Ort::Session& session, const std::string& path) {
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     std::string name = session.GetInputNameAllocated(i, alloc).get();
     got_in += (i ? "," : "") + name;
-    auto info = session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo();
+    Ort::TypeInfo type = session.GetInputTypeInfo(i);  // owns what `info` views
+    auto info = type.GetTensorTypeAndShapeInfo();
     ins[name] = info.GetElementType();
     dims[name] = info.GetShape();
   }

@@ -59,7 +59,7 @@ def test_train_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     (["--dataset", "cifar10"], ["--data-dir"]),
     (["--dataset", "imagenet"], ["unknown dataset"]),
     (["--preset", "huge"], ["unknown preset"]),
-    (["--out", "{tmp}/a_file/c.pt"], ["cannot create folder"]),
+    (["--out", "{tmp}/a_file/c.pt"], ["a_file is a file, not a folder"]),
     (["--out", "{tmp}/new/c.pt", "--preset", "huge"], ["unknown preset"]),  # no folder made for a bad run
     (["--steps", "0"], ["--steps"]),
     (["--steps", "ten"], ["ten"]),

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from runtime.cli import main as run_main  # noqa: E402
 from runtime.fileio import TEMP_TAG  # noqa: E402
-from test_bad_inputs import TINY, art, graph_model  # noqa: E402,F401  (art: the shared one-node graphs)
+from test_bad_inputs import TINY, art  # noqa: E402,F401  (art: the shared one-node graphs)
 from test_cpp_host import ddpm_sample  # noqa: E402,F401
 from train.checkpoint import load_checkpoint  # noqa: E402
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from runtime.errors import DDPMError
+from runtime.images import read_folder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DATASETS = ("mnist", "cifar10", "folder")
 
 
@@ -63,18 +63,7 @@ def _fit(img: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
 
 def folder_images(data_dir: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
     """Every picture under `data_dir` (sorted by path) at the model's shape."""
-    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
-                        "of pictures")
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                images.append(_fit(img, image_shape[0], image_shape[1:]))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
-    return np.stack(images)
+    return read_folder(data_dir, lambda img: _fit(img, image_shape[0], image_shape[1:]))
 
 
 def npz_images(path: Path) -> np.ndarray:

@@ -5,13 +5,40 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_folder(data_dir: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """Every picture under `data_dir` (recursively, sorted by path) through `convert`, stacked. Decompression bombs
+    (PIL's limit, and the warning zone up to twice it) and unreadable files are refused by name."""
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
+                        "of pictures")
+    images = []
+    for path in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    images.append(convert(img))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DDPMError(f"image {path} is too large to decode safely, a decompression bomb? "
+                            f"({str(exc).split(',')[0]}); remove it or shrink it") from None
+        except (UnidentifiedImageError, OSError, ValueError, MemoryError) as exc:
+            raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
+    return np.stack(images)
 
 
 def to_uint8(samples: np.ndarray, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:

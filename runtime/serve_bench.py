@@ -26,7 +26,8 @@ from runtime.errors import DDPMError, run_cli
 from runtime.samplers import Chain, sample
 
 
-def _free_ports(k: int) -> list[int]:
+def free_ports(k: int) -> list[int]:
+    """k loopback ports that were free a moment ago (for the server this benchmark and the tests start)."""
     socks = [socket.socket() for _ in range(k)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -103,7 +104,7 @@ def cli(model: Path, steps: str, images_per_request: int, clients: str, seconds:
     if images_per_request < 1 or images_per_request > max_batch or min(levels) < 1:
         raise DDPMError("need 1 <= --images-per-request <= --max-batch and client counts >= 1")
     before = offline(model, steps, max_batch, offline_images, threads)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "runtime.serve", str(model), "--steps", steps, "--max-batch", str(max_batch),
            "--queue-delay-us", str(queue_delay_us), "--threads", str(threads), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]

@@ -19,6 +19,7 @@ from runtime.cli import main as ddpm_run
 from runtime.errors import DDPMError
 from runtime.samplers import Chain, sample
 from runtime.serve import Sampler
+from runtime.serve_bench import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -65,16 +66,6 @@ def test_sampler_groups_mixed_chains_and_matches_sample(tiny_export_dir):
 
 
 # ---- against a running server (needs the serve extra) ----
-
-def free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def port_free(port: int) -> bool:
     """Nothing listens on `port` and a new server could bind it (SO_REUSEADDR, as servers do: the closed

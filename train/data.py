@@ -10,21 +10,20 @@ import gzip
 import importlib.util
 import pickle
 import pickletools
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from runtime.errors import DDPMError
+from runtime.images import read_folder
 from runtime.resources import human
 
 DATASETS = ("mnist", "cifar10", "folder")
 IMAGE_SIZE = 32
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
 
 
@@ -200,23 +199,7 @@ def _square_32(img: Image.Image) -> np.ndarray:
 
 def load_folder(data_dir: Path) -> Dataset:
     """Every image file in `data_dir` (recursively), as 32 x 32 RGB; flips allowed."""
-    files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
-                        "of pictures")
-    images = []
-    for path in files:
-        try:
-            with warnings.catch_warnings():  # PIL only warns between its limit and twice its limit
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    images.append(_square_32(img))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DDPMError(f"image {path} is too large to decode safely, a decompression bomb? "
-                            f"({str(exc).split(',')[0]}); remove it or shrink it") from None
-        except (UnidentifiedImageError, OSError, ValueError, MemoryError) as exc:
-            raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
-    return Dataset("folder", _to_model_space(np.stack(images)), allow_flips=True)
+    return Dataset("folder", _to_model_space(read_folder(data_dir, _square_32)), allow_flips=True)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import DDPMError
-from runtime.eval_cli import main
+from evaluation.cli import main
 from runtime.likelihood import dataset_bits_per_dim
 from runtime.schedule import DiffusionConfig, sampling_schedule
 
@@ -234,7 +234,7 @@ def test_nll_of_the_learned_range_model_through_onnx_runtime(tmp_path):
 def test_folder_and_mnist_data_reach_the_model_shape(tmp_path):
     from PIL import Image
 
-    from runtime.eval_data import load_images
+    from evaluation.data import load_images
 
     folder = tmp_path / "pictures"
     folder.mkdir()

@@ -225,7 +225,7 @@ def test_ddpm_run_solver_end_to_end_and_bad_input(tiny_checkpoint, tmp_path, cap
 
 
 def test_sweep_scores_cells_resumes_and_plots(tiny_checkpoint, tmp_path, capsys):
-    from runtime.eval_cli import main as eval_main
+    from evaluation.cli import main as eval_main
 
     out = tmp_path / "sweep"
     args = ["sweep", str(tiny_checkpoint), "--ref", "mnist", "--cell", "sde-dpm++2m:3", "--cell", "ddim:3", "--n",

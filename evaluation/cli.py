@@ -17,7 +17,7 @@ import numpy as np
 
 from runtime.backends import PROVIDERS, open_model
 from runtime.errors import DDPMError, run_cli
-from runtime.eval_data import folder_images, load_images, npz_images, to_model_space
+from evaluation.data import folder_images, load_images, npz_images, to_model_space
 from runtime.fileio import atomic_write_bytes, check_writable
 from runtime.frechet import frechet_distance
 from runtime.images import make_grid, save_png, to_uint8
@@ -25,7 +25,7 @@ from runtime.likelihood import dataset_bits_per_dim
 from runtime.samplers import DEFAULT_BATCH
 from runtime.schedule import sampling_schedule
 from runtime.validation import SEED
-from runtime.sweep import sweep
+from evaluation.sweep import sweep
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

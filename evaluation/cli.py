@@ -69,8 +69,6 @@ def nll(model: Path, data: str, data_dir: Path | None, n: int | None, batch_size
         force: bool) -> None:
     """Negative log-likelihood bound of MODEL on real images, in bits/dim, with its parts (prior at T, the sum of
     the KL terms, the decoder at t = 0). One model call per image and step: T calls per image."""
-    if seed < 0:
-        raise DDPMError(f"--seed must be >= 0, got {seed}")
     if json_out is not None:
         check_writable(json_out, force)
     backend = open_model(model, provider, precision=precision, threads=threads)
@@ -191,8 +189,6 @@ def interpolate(model: Path, data: str, data_dir: Path | None, pairs: int, mixes
 
     if pairs < 1 or mixes < 2:
         raise DDPMError(f"need --pairs >= 1 and --mixes >= 2, got {pairs} and {mixes}")
-    if seed < 0:
-        raise DDPMError(f"--seed must be >= 0, got {seed}")
     check_writable(out, force)
     backend = open_model(model, provider, threads=threads)
     info = backend.info

@@ -74,8 +74,6 @@ def run(model: Path, n: int, steps: str | None, sampler: str, spacing: str | Non
         raise DDPMError(f"--n must be >= 1, got {n}")
     if batch_size is not None and batch_size < 1:
         raise DDPMError(f"--batch-size must be >= 1, got {batch_size}")
-    if seed < 0:
-        raise DDPMError(f"--seed must be >= 0, got {seed}")
     if noise_file is not None and noise_out is not None:
         raise DDPMError("--noise and --save-noise exclude each other")
     if progressive is not None and progressive < 1:

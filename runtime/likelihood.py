@@ -148,14 +148,15 @@ def bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, variance_typ
 
 
 def dataset_bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, variance_type: str, clip: float | None,
-                         seed: int, batch_size: int, progress: bool = False) -> BitsPerDim:
-    """`bits_per_dim` over many images in batches; image i draws its q_sample noise from rng([seed, i])
-    (`runtime.noise.SeededNoise`), so the result does not depend on the batch size."""
+                         seed: int, batch_size: int, progress: bool = False, first: int = 0) -> BitsPerDim:
+    """`bits_per_dim` over many images in batches; image i draws its q_sample noise from rng([seed, first + i])
+    (`runtime.noise.SeededNoise`), so the result depends neither on the batch size nor on how a data set is split
+    into runs (`first`: the index of x0[0] in the whole data)."""
     parts = []
     batches = range(0, len(x0), batch_size)
     with tqdm(total=len(schedule) * len(batches), desc="nll", unit="step", disable=not progress) as bar:
         for start in batches:
             b = min(batch_size, len(x0) - start)
-            noise = SeededNoise(seed, start, b, tuple(x0.shape[1:]))
+            noise = SeededNoise(seed, first + start, b, tuple(x0.shape[1:]))
             parts.append(bits_per_dim(eps_fn, x0[start:start + b], schedule, variance_type, clip, noise, bar.update))
     return BitsPerDim.concat(parts)

@@ -23,6 +23,15 @@ from runtime.validation import NonFiniteError, all_finite
 
 SAMPLERS = ("ddpm", "ddim") + SOLVERS
 DEFAULT_BATCH = 64
+# The default chain of ddpm-run and ddpm-serve, from the sampler sweep (docs/sweep.md): SDE-DPM-Solver++(2M) matched
+# 1,000-step ancestral DDPM from 10 calls on; 20 leaves a margin for models where the solver error weighs more.
+DEFAULT_SAMPLER = "sde-dpm++2m"
+DEFAULT_SOLVER_STEPS = 20
+
+
+def default_sampler(model_kind: str) -> str:
+    """The sampler a model runs when none is named: a step graph holds the ancestral DDPM update, so it runs that."""
+    return "ddpm" if model_kind == "step" else DEFAULT_SAMPLER
 
 # (x_t [B,C,H,W] float32, t [B] int64) -> eps [B,C,H,W], or eps and v [B,2C,H,W] for learned-variance models
 EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -62,14 +71,15 @@ class Chain:
               eta: float | None = None, variance_type: str | None = None, clip_denoised: bool | None = None,
               spacing: str | None = None) -> "Chain":
         """The chain for a model's diffusion config; None options take the model's own settings. `spacing`
-        (linspace, leading, trailing; the solvers' default linspace) picks K = `steps` timesteps as diffusers does."""
+        (linspace, leading, trailing; the solvers' default linspace) picks K = `steps` timesteps as diffusers does.
+        Steps default to all T for ddpm and ddim, DEFAULT_SOLVER_STEPS for the solvers."""
         if sampler not in SAMPLERS:
             raise DDPMError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         if sampler in SOLVERS and eta is not None:
             raise DDPMError(f"--eta is DDIM's noise scale; {sampler} takes none (use --sampler ddim, or sde-dpm++2m "
                             "for a stochastic solver)")
         if sampler in SOLVERS and steps is None:
-            raise DDPMError(f"{sampler} needs a step count: give --steps K (e.g. 10 or 20)")
+            steps = DEFAULT_SOLVER_STEPS
         if variance_type == "learned_range" and not diffusion.learned_variance:
             raise DDPMError(f"this model has {diffusion.variance_type} variance and no v output; learned_range needs "
                             "a learned-variance model (use fixed_small or fixed_large)")

@@ -224,7 +224,8 @@ def solver_timesteps(num_timesteps: int, steps: int | str, spacing: str = "linsp
     try:
         T, K = int(num_timesteps), int(str(steps).strip())
     except ValueError:
-        raise DDPMError(f"{spacing} spacing needs the step count as a number K, got {steps!r}") from None
+        raise DDPMError(f"{spacing} spacing needs the step count as a number K, got {steps!r} (ddimK and "
+                        "section counts respace --sampler ddpm or ddim)") from None
     if not 1 <= K <= T:
         raise DDPMError(f"cannot take {K} steps from {T} timesteps; use 1..{T}")
     if spacing == "linspace":

@@ -31,7 +31,7 @@ import numpy as np
 from runtime.backends import PROVIDERS, Backend, open_model
 from runtime.errors import DDPMError, run_cli
 from runtime.noise import SeededNoise
-from runtime.samplers import SAMPLERS, Chain, run_chain
+from runtime.samplers import DEFAULT_SAMPLER, SAMPLERS, Chain, run_chain
 from runtime.schedule import SPACINGS
 from runtime.validation import FINITE
 
@@ -66,7 +66,7 @@ class RowsNoise:
 class Sampler:
     """The inference function: requests -> grouped rows -> one `run_chain` per chain -> responses."""
 
-    def __init__(self, backend: Backend, sampler: str = "ddpm", steps: str | None = None,
+    def __init__(self, backend: Backend, sampler: str = DEFAULT_SAMPLER, steps: str | None = None,
                  spacing: str | None = None, eta: float | None = None):
         self.backend = backend
         self.shape = tuple(backend.info.image_shape)
@@ -220,7 +220,7 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 @click.option("--provider", type=_choice(PROVIDERS), default="cpu", show_default=True)
 @click.option("--precision", type=_choice(("auto", "fp32", "fp16")), default="auto", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
-@click.option("--sampler", type=_choice(SAMPLERS), default="ddpm", show_default=True,
+@click.option("--sampler", type=_choice(SAMPLERS), default=DEFAULT_SAMPLER, show_default=True,
               help="Default for requests without a sampler.")
 @click.option("--steps", default=None, help="Default for requests without steps (as ddpm-run --steps).")
 @click.option("--spacing", type=_choice(SPACINGS), default=None,

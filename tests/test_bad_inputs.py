@@ -199,7 +199,7 @@ def C(kind: int, argv: str, pattern: str, prep: Callable | None = None) -> Case:
     return Case("cpp", kind, argv.split(), pattern, prep)
 
 
-OUT = "--out {tmp}/s.npz --steps 2 --threads 1"
+OUT = "--out {tmp}/s.npz --sampler ddpm --steps 2 --threads 1"
 CASES: dict[str, Case] = {
     # ddpm-run
     "run-n-beyond-disk": R(1, "{eps} --n 10000000000 " + OUT, r"not enough disk space for 10000000000 images"),
@@ -247,7 +247,7 @@ CASES: dict[str, Case] = {
     "run-steps-text": R(4, "{eps} --n 1 --steps many --out {tmp}/s.npz", r"many"),
     "run-model-missing": R(4, "{tmp}/none.onnx " + OUT, r"none\.onnx not found"),
     "run-provider-unknown": R(4, "{eps} --provider tpu " + OUT, r"'tpu' is not one of"),
-    "run-partial-of-other-run": R(5, "{eps} --n 10 --out {tmp}/s.npz --steps 2",
+    "run-partial-of-other-run": R(5, "{eps} --n 10 --out {tmp}/s.npz --sampler ddpm --steps 2",
                                   r"holds an unfinished run with other settings", partial_of_other_run),
     # ddpm-train
     "train-batch-beyond-memory": T(1, "--steps 1 --batch-size 1000000000000 --out {tmp}/c.pt",
@@ -411,10 +411,10 @@ def test_near_misses_of_ddpm_run_succeed(art: dict[str, Path], tmp_path: Path) -
     user = {tmp_path / "S.NPZ.tmp": b"mine", tmp_path / ".S.NPZ.tmp": b"mine too"}
     for path, data in user.items():
         path.write_bytes(data)
-    run_main([str(art["eps"]), "--n", "2", "--steps", "2", "--seed", str(2**63 - 1), "--out", str(tmp_path / "S.NPZ")])
+    run_main([str(art["eps"]), "--n", "2", "--steps", "3", "--seed", str(2**63 - 1), "--out", str(tmp_path / "S.NPZ")])
     run_main([str(art["eps"]), "--n", "2", "--sampler", "ddim", "--eta", "1", "--steps", "2",
               "--out", str(tmp_path / "S.NPZ"), "--force", "--save-noise", str(tmp_path / "n.npy")])
-    run_main([str(art["eps"]), "--n", "2", "--steps", "2", "--noise", str(tmp_path / "n.npy"),
+    run_main([str(art["eps"]), "--n", "2", "--sampler", "ddpm", "--steps", "2", "--noise", str(tmp_path / "n.npy"),
               "--out", str(tmp_path / "t.npz")])
     with np.load(tmp_path / "S.NPZ") as f:
         assert f["samples"].shape == (2, *SHAPE) and np.isfinite(f["samples"]).all()

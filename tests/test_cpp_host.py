@@ -72,13 +72,13 @@ def test_matches_python_runtime_with_injected_noise(ddpm_sample: Path, tiny_expo
     """Full T = 1000 DDPM chain: the C++ loop over the step graph equals the NumPy loop over the eps graph."""
     backend = open_model(tiny_export_dir / "model.onnx", "cpu", precision="fp32")
     info = backend.info
-    chain = Chain.build(info.diffusion)  # DDPM, full chain, the variance and clipping the metadata names
+    chain = Chain.build(info.diffusion, "ddpm")  # full chain, the variance and clipping the metadata names
     assert len(chain) == info.diffusion.num_timesteps == 1000
     assert isinstance(backend.stepper(chain), HostStepper)  # ddpm-run on model.onnx: the NumPy loop over eps
     # The Python side writes the noise file and its own samples in one run: `ddpm-run --save-noise`.
     noise_file, py_file = tmp_path / "noise.npy", tmp_path / "py.npz"
-    ddpm_run([str(tiny_export_dir / "model.onnx"), "--n", str(N), "--seed", "7", "--precision", "fp32",
-              "--save-noise", str(noise_file), "--out", str(py_file)])
+    ddpm_run([str(tiny_export_dir / "model.onnx"), "--n", str(N), "--seed", "7", "--sampler", "ddpm", "--precision",
+              "fp32", "--save-noise", str(noise_file), "--out", str(py_file)])
     noise = np.load(noise_file, mmap_mode="r")
     assert noise.dtype == np.float32 and noise.shape == (1001, N, *info.image_shape)
     np.testing.assert_array_equal(noise[:3], chain_noise(7, N, info.image_shape, 2))
@@ -118,7 +118,8 @@ def test_rgb_short_cosine_chain(ddpm_sample: Path, tmp_path_factory: pytest.Temp
     diffusion = DiffusionConfig(schedule="cosine", num_timesteps=50, variance_type=variance)
     ckpt = make_random_checkpoint(d / "rgb.pt", channels=3, image_size=16, diffusion=diffusion, seed=1)
     export_all(ckpt, d / "export", fp16=False, step_graph=True, validate=False, engine=False)
-    ddpm_run([str(d / "export" / "model.onnx"), "--n", "5", "--seed", "3", "--save-noise", str(d / "noise.npy"),
+    ddpm_run([str(d / "export" / "model.onnx"), "--n", "5", "--seed", "3", "--sampler", "ddpm", "--save-noise",
+              str(d / "noise.npy"),
               "--out", str(d / "py.npz")])
     proc = run_host(ddpm_sample, d / "export" / "model.step.onnx", "--noise", d / "noise.npy", "--out",
                     d / "cpp.npy", "--grid", d / "grid.ppm")

@@ -82,7 +82,20 @@ def test_nll_respaced_bound_is_a_different_chain(small_ckpt, data_npz, tmp_path,
     assert got["steps"] == 10 and len(got["timesteps"]) == 10 and got["timesteps"][-1] == T - 1
 
 
+def test_nll_split_over_runs_equals_one_run(small_ckpt, data_npz, tmp_path, capsys):
+    """--first keeps each image's noise: runs over 0..2 and 3..5 give the per-image totals of one run over 0..5."""
+    reports = {}
+    for name, args in (("all", ()), ("head", ("--n", 3)), ("tail", ("--first", 3))):
+        reports[name] = tmp_path / f"{name}.json"
+        run_model("nll", small_ckpt, "--data", data_npz, *args, "--seed", 5, "--steps", 10, "--json", reports[name])
+    totals = {name: json.loads(path.read_text())["total_per_image"] for name, path in reports.items()}
+    assert len(totals["all"]) == 6 and len(totals["tail"]) == 3
+    np.testing.assert_array_equal(totals["head"] + totals["tail"], totals["all"])
+    assert "3 images of" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--data", "DATA", "--first", 6], "--first 6 skips all 6 images"),
     (["--data", "folder", "--data-dir", "/nonexistent/dir"], "does not exist"),
     (["--data", "cifar10"], "needs --data-dir"),
     (["--data", "DATA", "--n", 100], "more than the 6 images"),

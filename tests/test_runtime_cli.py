@@ -92,8 +92,8 @@ def test_fp16_graph_stays_close_to_fp32(tiny_export_dir, tmp_path):
 def test_step_graph_runs_the_whole_update_like_the_host_loop(tiny_export_dir, tmp_path):
     """model.step.onnx with bound (ping-pong) buffers, two batch shapes, equals the eps graph + NumPy update."""
     for name in ("model.onnx", "model.step.onnx"):
-        run_cli(tiny_export_dir / name, "--n", 3, "--batch-size", 2, "--out", tmp_path / f"{name}.npz",
-                "--threads", 1)
+        run_cli(tiny_export_dir / name, "--n", 3, "--sampler", "ddpm", "--batch-size", 2, "--out",
+                tmp_path / f"{name}.npz", "--threads", 1)
     np.testing.assert_allclose(_samples(tmp_path / "model.step.onnx.npz"), _samples(tmp_path / "model.onnx.npz"),
                                atol=1e-5)
 
@@ -124,9 +124,10 @@ def test_onnx_without_ddpm_metadata(tiny_export_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--n", "0"], "--n must be >= 1"),
     (["--n", "-3"], "--n must be >= 1"),
-    (["--steps", "ddim999"], "cannot take exactly 999"),
+    (["--sampler", "ddpm", "--steps", "ddim999"], "cannot take exactly 999"),
     (["--steps", "1001"], "cannot take 1001 steps"),
-    (["--steps", "10,x"], "bad spacing"),
+    (["--sampler", "ddpm", "--steps", "10,x"], "bad spacing"),
+    (["--steps", "ddim50"], "ddimK and section counts respace --sampler ddpm or ddim"),
     (["--batch-size", "5"], "batch size must lie in 1..4"),
     (["--sampler", "euler"], "'euler' is not one of"),
     (["--eta", "2", "--sampler", "ddim"], "eta must lie in"),
@@ -149,10 +150,10 @@ def test_grid_format_follows_its_extension_and_suffixes_match_in_any_case(tiny_e
     upper = tmp_path / "MODEL.ONNX"
     shutil.copy(tiny_export_dir / "model.onnx", upper)
     for bad in ("g.xyz", "g"):
-        assert "Pillow writes no" in fail_cli(capsys, upper, "--n", 2, "--steps", 2, "--out", tmp_path / "s.npz",
+        assert "Pillow writes no" in fail_cli(capsys, upper, "--n", 2, "--steps", 3, "--out", tmp_path / "s.npz",
                                               "--grid", tmp_path / bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL.ONNX"]  # refused before sampling
-    run_cli(upper, "--n", 2, "--steps", 2, "--out", tmp_path / "s.npz", "--grid", tmp_path / "g.JPG")
+    run_cli(upper, "--n", 2, "--steps", 3, "--out", tmp_path / "s.npz", "--grid", tmp_path / "g.JPG")
     jpeg = (tmp_path / "g.JPG").read_bytes()
     assert jpeg[:3] == b"\xff\xd8\xff"  # a JPEG, as the name says
 
@@ -161,7 +162,7 @@ def test_outputs_are_never_clobbered_or_left_partial(tiny_export_dir, tmp_path, 
     model = tiny_export_dir / "model.onnx"
     existing = tmp_path / "s.npz"
     existing.write_bytes(b"keep me")
-    assert "already exists; pass --force" in fail_cli(capsys, model, "--n", 1, "--steps", 2, "--out", existing)
+    assert "already exists; pass --force" in fail_cli(capsys, model, "--n", 1, "--steps", 3, "--out", existing)
     assert existing.read_bytes() == b"keep me"
     assert "does not exist" in fail_cli(capsys, model, "--n", 1, "--out", tmp_path / "no" / "s.npz")
     assert "is a directory" in fail_cli(capsys, model, "--n", 1, "--out", tmp_path, "--force")
@@ -170,7 +171,7 @@ def test_outputs_are_never_clobbered_or_left_partial(tiny_export_dir, tmp_path, 
     assert "needs float32 [6, 1, 1, 32, 32]" in fail_cli(capsys, model, "--n", 1, "--steps", 5, "--noise", noise,
                                                           "--out", tmp_path / "t.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.npy", "s.npz"]
-    run_cli(model, "--n", 1, "--steps", 2, "--out", existing, "--force")
+    run_cli(model, "--n", 1, "--steps", 3, "--out", existing, "--force")
     assert _samples(existing).shape == (1, 1, 32, 32)
 
 

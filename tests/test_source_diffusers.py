@@ -91,9 +91,10 @@ def diffusers_chain(unet: UNet2DModel, scheduler: DDPMScheduler, noise: np.ndarr
 
 
 def run_samples(model: Path, tmp: Path, *args: object) -> tuple[np.ndarray, np.ndarray]:
-    """ddpm-run on `model`: (samples, the noise it used)."""
+    """ddpm-run's ancestral DDPM (the chain of diffusers' DDPMScheduler) on `model`: (samples, the noise it used)."""
     out, noise = tmp / "samples.npz", tmp / "noise.npy"
-    ddpm_run([str(model), "--out", str(out), "--save-noise", str(noise), "--threads", "2", *map(str, args)])
+    ddpm_run([str(model), "--sampler", "ddpm", "--out", str(out), "--save-noise", str(noise), "--threads", "2",
+              *map(str, args)])
     return np.load(out)["samples"], np.load(noise)
 
 

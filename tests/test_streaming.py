@@ -75,7 +75,7 @@ def _samples(path: Path) -> np.ndarray:
 def test_memory_stays_one_batch_for_20000_images(cheap, tmp_path):
     """20,000 images hold 80 MB of float32 samples (+ 20 MB uint8); the run's peak RSS stays within a few MB of a
     one-batch run's."""
-    common = ["--steps", 2, "--batch-size", 500, "--threads", 1]
+    common = ["--steps", 3, "--batch-size", 500, "--threads", 1]
     small = peak_rss_mb(cheap, "--n", 500, "--out", tmp_path / "small.npz", *common)
     big = peak_rss_mb(cheap, "--n", 20000, "--out", tmp_path / "big.npz", *common)
     data_mb = 20000 * int(np.prod(SHAPE)) * 5 / 2**20
@@ -138,9 +138,9 @@ def test_a_partial_run_of_other_settings_needs_force(cheap, tmp_path, capsys):
     partial = tmp_path / "s.npz.partial"
     partial.mkdir()
     (partial / "progress.json").write_text(json.dumps({"done": 3, "n": 10, "key": {"seed": 99}}))
-    assert "holds an unfinished run with other settings" in fail(capsys, cheap, "--n", 10, "--steps", 2,
+    assert "holds an unfinished run with other settings" in fail(capsys, cheap, "--n", 10, "--steps", 3,
                                                                  "--out", out)
-    main([str(a) for a in (cheap, "--n", 10, "--steps", 2, "--out", out, "--force")])
+    main([str(a) for a in (cheap, "--n", 10, "--steps", 3, "--out", out, "--force")])
     assert _samples(out).shape == (10, *SHAPE) and not partial.exists()
 
 

@@ -19,7 +19,7 @@ from runtime.errors import DDPMError  # noqa: E402
 from runtime.noise import chain_noise  # noqa: E402
 from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from train.data import Dataset, load_dataset, load_mnist, pad_to  # noqa: E402
+from train.data import Dataset, load_dataset, load_mnist, mnist_arrays, mnist_split, pad_to  # noqa: E402
 from train.model import preset_config, preset_image_size  # noqa: E402
 from train.sampler import sample, sample_model  # noqa: E402
 from train.trainer import Trainer, TrainConfig, ema_decay_at  # noqa: E402
@@ -41,12 +41,24 @@ def make_trainer(data: Dataset, dropout: float = 0.0, **kw) -> Trainer:
 
 def test_mnist_loader(mnist: Dataset) -> None:
     x = mnist.images
-    assert x.shape == (5000, 1, 28, 28) and x.dtype == torch.float32  # MNIST's own size: no padding pixels
+    assert x.shape == (4000, 1, 28, 28) and x.dtype == torch.float32  # MNIST's own size: no padding pixels
     assert x.min() == -1.0 and x.max() == 1.0
     assert not mnist.allow_flips
-    assert np.bincount(mnist.labels).tolist() == [500] * 10
+    assert np.bincount(mnist.labels).tolist() == [400] * 10
     # a '1' has far less ink than a '0'
     assert (x[mnist.labels == 1] > 0).float().mean() < 0.7 * (x[mnist.labels == 0] > 0).float().mean()
+
+
+def test_mnist_test_digits_are_held_out_of_training(mnist: Dataset) -> None:
+    """ddpm-eval nll --data mnist scores digits ddpm-train never saw: the split is disjoint, balanced and complete."""
+    all_digits, _ = mnist_arrays()
+    test, test_labels = mnist_split("test")
+    train, _ = mnist_split("train")
+    assert np.bincount(test_labels).tolist() == [100] * 10 and len(set(test_labels[:20].tolist())) > 5  # shuffled
+    as_bytes = lambda images: {im.tobytes() for im in images}  # noqa: E731
+    assert as_bytes(test).isdisjoint(as_bytes(train)) and as_bytes(test) | as_bytes(train) == as_bytes(all_digits)
+    trained_on = as_bytes(np.round((mnist.images[:, 0].numpy() + 1) * 127.5).astype(np.uint8))
+    assert trained_on == as_bytes(train)
 
 
 def test_padding_only_where_the_preset_needs_it(mnist: Dataset) -> None:
@@ -54,7 +66,7 @@ def test_padding_only_where_the_preset_needs_it(mnist: Dataset) -> None:
     assert preset_image_size("cifar10", 28) == 32 and preset_image_size("cifar10", 32) == 32  # 4 levels: 8 | size
     assert pad_to(mnist, 28) is mnist
     padded = pad_to(mnist, 32)
-    assert padded.images.shape == (5000, 1, 32, 32) and padded.labels is mnist.labels
+    assert padded.images.shape == (4000, 1, 32, 32) and padded.labels is mnist.labels
     assert (padded.images[:, :, :2] == -1).all() and (padded.images[:, :, :, -2:] == -1).all()  # background
     assert torch.equal(padded.images[:, :, 2:30, 2:30], mnist.images)
     with pytest.raises(DDPMError, match="larger than the model's 16 x 16"):

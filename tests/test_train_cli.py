@@ -113,7 +113,8 @@ def test_preview_is_what_ddpm_run_samples_from_the_checkpoint(tmp_path: Path, ca
     code, err = run(TINY + ["--steps", 12, "--seed", 4, "--sample-steps", 3, "--out", out], capsys)
     assert code == 0, err
     assert "speed: " in err and "CPU s/step" in err  # measured over steps 2-11, before the run ends
-    ddpm_run([str(out), "--n", "64", "--steps", "3", "--seed", "4", "--out", str(tmp_path / "s.npz"),
+    ddpm_run([str(out), "--n", "64", "--sampler", "ddpm", "--steps", "3", "--seed", "4",
+              "--out", str(tmp_path / "s.npz"),
               "--grid", str(tmp_path / "run.png")])
     preview = np.asarray(Image.open(out.with_name("ckpt.samples.png")))
     assert preview.shape == (8 * 30 + 2, 8 * 30 + 2) and preview.std() > 10  # 64 MNIST-sized images, borders

@@ -25,6 +25,7 @@ from runtime.resources import human
 DATASETS = ("mnist", "cifar10", "folder")
 IMAGE_SIZE = 32
 MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
+MNIST_TEST_PER_CLASS = 100  # digits per class held out of training: the 1,000 test digits of `ddpm-eval nll`
 
 
 @dataclass
@@ -66,9 +67,25 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
 
 
-def load_mnist() -> Dataset:
-    """MNIST at its own 28 x 28 (a 3-level UNet divides it: 28, 14, 7); no flips, digits are not mirror-symmetric."""
+def mnist_split(part: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 'train' (4,000) or 'test' (1,000) digits of a fixed, class-balanced split of the 5,000, shuffled.
+
+    No other MNIST ships here, so `ddpm-train` never sees the test digits and a bound on them is a held-out figure.
+    """
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
     digits, labels = mnist_arrays()
+    rng = np.random.default_rng(0)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:MNIST_TEST_PER_CLASS] for c in range(10)])
+    chosen = test if part == "test" else np.setdiff1d(np.arange(len(labels)), test)
+    chosen = rng.permutation(chosen)
+    return digits[chosen], labels[chosen]
+
+
+def load_mnist() -> Dataset:
+    """MNIST's 4,000 training digits at their own 28 x 28 (a 3-level UNet divides it: 28, 14, 7); no flips, digits
+    are not mirror-symmetric."""
+    digits, labels = mnist_split("train")
     return Dataset("mnist", _to_model_space(digits[:, None]), allow_flips=False, labels=labels)
 
 

@@ -20,7 +20,7 @@ from ddpm_export.triton_repo import eps_config, pbtxt, write_repository
 from runtime.backends import open_model
 from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo
-from runtime.samplers import Chain, sample
+from runtime.samplers import DEFAULT_SAMPLER, Chain, sample
 from runtime.schedule import DiffusionConfig
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
@@ -167,10 +167,10 @@ def test_python_model_answers_each_request_like_ddpm_run(repo, tiny_export_dir, 
                                request([5], [3], sampler="ddim", steps="ddim8", eta=0.5),
                                request([5], [1], sampler="dpm++2m")])
     backend = open_model(tiny_export_dir / "model.onnx")
-    ddpm = sample(backend, Chain.build(backend.info.diffusion, "ddpm", "8"), 4, seed=5)
+    default = sample(backend, Chain.build(backend.info.diffusion, DEFAULT_SAMPLER, "8"), 4, seed=5)
     ddim = sample(backend, Chain.build(backend.info.diffusion, "ddim", "ddim8", 0.5), 4, seed=5)
     assert not responses[0].has_error() and not responses[2].has_error()
-    assert np.array_equal(responses[0].output_tensors[0].as_numpy(), ddpm[[2, 0]])
+    assert np.array_equal(responses[0].output_tensors[0].as_numpy(), default[[2, 0]])
     assert np.array_equal(responses[2].output_tensors[0].as_numpy(), ddim[[3]])
     assert responses[1].has_error() and "unknown sampler" in responses[1].error().message()
     solver = sample(backend, Chain.build(backend.info.diffusion, "dpm++2m", "8"), 2, seed=5)
@@ -272,11 +272,11 @@ def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
             proc.kill()
             proc.wait()
     backend = open_model(tiny_export_dir / "model.onnx")
-    ddpm = sample(backend, Chain.build(backend.info.diffusion, "ddpm", "8"), 6, seed=6)
+    default = sample(backend, Chain.build(backend.info.diffusion, DEFAULT_SAMPLER, "8"), 6, seed=6)
     ddim = sample(backend, Chain.build(backend.info.diffusion, "ddim", "ddim8", 0.5), 4, seed=6)
     assert np.array_equal(results[1], ddim[[0, 3]])
-    for k in (0, 3, 4, 5):
-        assert np.array_equal(results[k], ddpm[[k]])
+    for k in (0, 3, 4, 5):  # requests without a sampler: the repository's default chain, as ddpm-run's
+        assert np.array_equal(results[k], default[[k]])
 
 
 def test_plan_is_served_with_its_profile(tiny_export_dir, tmp_path):

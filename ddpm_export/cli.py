@@ -110,8 +110,10 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
 @click.option("--sampler-instances", type=int, default=2, show_default=True, help="sampling-loop instances")
 @click.option("--max-batch", type=int, default=None, help="Triton max_batch_size  [default: the export's]")
 @click.option("--queue-delay-us", type=int, default=2000, show_default=True, help="dynamic batcher's wait")
-@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help="default sampler of requests that name none")
-@click.option("--steps", default=None, help="default steps (as ddpm-run --steps)  [default: all T]")
+@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
+              help="default sampler of requests that name none")
+@click.option("--steps", default=None,
+              help="default steps (as ddpm-run --steps)  [default: 20 for the solvers, all T for ddpm and ddim]")
 @click.option("--spacing", default=None, help="default spacing (as ddpm-run --spacing)")
 @click.option("--eta", type=FINITE, default=None, help="default DDIM eta of ddim requests  [default: 0]")
 @click.option("--force", is_flag=True, help="replace an existing repository folder")

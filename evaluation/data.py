@@ -1,8 +1,8 @@
 """Real images for evaluation, as uint8 N x C x H x W at a model's image shape (no torch on the lean paths).
 
 Sources: an `.npz` with `arr_0` (uint8 N x H x W x C, what `ddpm-run` writes and image evaluators read), a folder of
-pictures, and the datasets of `train.data` (mnist: the 1,000 test digits held out of training; cifar10: the python-format
-`test_batch`), which are imported lazily and need the train extra.
+pictures, and the datasets of `train.data` (mnist: the 1,000 test digits held out of training; cifar10: the
+python-format `test_batch`), which are imported lazily and need the train extra.
 """
 
 from __future__ import annotations

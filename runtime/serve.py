@@ -31,7 +31,7 @@ import numpy as np
 from runtime.backends import PROVIDERS, Backend, open_model
 from runtime.errors import DDPMError, run_cli
 from runtime.noise import SeededNoise
-from runtime.samplers import DEFAULT_SAMPLER, SAMPLERS, Chain, run_chain
+from runtime.samplers import DEFAULT_SAMPLER, SAMPLERS, Chain, default_sampler, run_chain
 from runtime.schedule import SPACINGS
 from runtime.validation import FINITE
 
@@ -220,8 +220,8 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 @click.option("--provider", type=_choice(PROVIDERS), default="cpu", show_default=True)
 @click.option("--precision", type=_choice(("auto", "fp32", "fp16")), default="auto", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
-@click.option("--sampler", type=_choice(SAMPLERS), default=DEFAULT_SAMPLER, show_default=True,
-              help="Default for requests without a sampler.")
+@click.option("--sampler", type=_choice(SAMPLERS), default=None,
+              help=f"Default for requests without a sampler. Default: {DEFAULT_SAMPLER} (ddpm for a step graph).")
 @click.option("--steps", default=None, help="Default for requests without steps (as ddpm-run --steps).")
 @click.option("--spacing", type=_choice(SPACINGS), default=None,
               help="Default for requests without spacing (as ddpm-run --spacing).")
@@ -231,7 +231,7 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write Triton's log there instead of stdout (PyTriton keeps a copy of stdout logs in memory).")
 def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, max_batch: int | None,
-        queue_delay_us: int, provider: str, precision: str, threads: int, sampler: str, steps: str | None,
+        queue_delay_us: int, provider: str, precision: str, threads: int, sampler: str | None, steps: str | None,
         spacing: str | None, eta: float | None, model_name: str, verbose: bool, log_file: Path | None) -> None:
     """Serve MODEL (.onnx, .plan or .pt) on Triton; stop with Ctrl-C or SIGTERM."""
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
@@ -253,8 +253,9 @@ def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: in
     max_batch = max_batch if max_batch is not None else max(lo, min(64, hi))
     if not lo <= max_batch <= hi:
         raise DDPMError(f"--max-batch must lie in {lo}..{hi} for this model, got {max_batch}")
-    serve(backend, Sampler(backend, sampler, steps, spacing, eta), host=host, http_port=http_port, grpc_port=grpc_port,
-          metrics_port=metrics_port, max_batch=max_batch, queue_delay_us=queue_delay_us, model_name=model_name,
+    sampler_fn = Sampler(backend, sampler or default_sampler(backend.info.kind), steps, spacing, eta)
+    serve(backend, sampler_fn, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+          max_batch=max_batch, queue_delay_us=queue_delay_us, model_name=model_name,
           log_verbose=1 if verbose else 0, log_file=log_file)
 
 

@@ -78,11 +78,7 @@ def nll(model: Path, data: str, data_dir: Path | None, n: int | None, first: int
     info = backend.info
     if tuple(info.data_range) != (-1.0, 1.0):
         raise DDPMError(f"{model} works in data range {info.data_range}; the bound's 256 bins need [-1, 1]")
-    images = load_images(data, data_dir, info.image_shape, None if n is None else first + n)
-    if first >= len(images):
-        raise DDPMError(f"--first {first} skips all {len(images)} images of {data}; use --first {len(images) - 1} "
-                        "or less")
-    images = images[first:]
+    images = load_images(data, data_dir, info.image_shape, n, first)
     size = _batch_size(batch_size, len(images), backend.batch_range)
     diffusion = info.diffusion
     schedule = sampling_schedule(diffusion, steps)

@@ -91,8 +91,10 @@ def _to_shape(images: np.ndarray, image_shape: tuple[int, int, int], what: str) 
     return images
 
 
-def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, int], n: int | None) -> np.ndarray:
-    """The first `n` (all when None) images of `data` (mnist, cifar10, folder or a .npz path) at `image_shape`."""
+def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, int], n: int | None,
+                first: int = 0) -> np.ndarray:
+    """`n` images (all the rest when None) of `data` (mnist, cifar10, folder or a .npz path) from image `first` on,
+    at `image_shape`."""
     if data == "mnist":
         images, what = mnist_digits(), "mnist"
     elif data in ("cifar10", "folder"):
@@ -109,12 +111,17 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
         images, what = npz_images(path), str(path)
     else:
         raise DDPMError(f"unknown data {data!r}; use mnist, cifar10, folder (with --data-dir) or an .npz file")
+    if first >= len(images):
+        raise DDPMError(f"--first {first} skips all {len(images)} images of {what}; use --first {len(images) - 1} "
+                        "or less")
+    left = len(images) - first
     if n is not None:
         if n < 1:
             raise DDPMError(f"--n must be >= 1, got {n}")
-        if n > len(images):
-            raise DDPMError(f"--n {n} is more than the {len(images)} images of {what}; use --n {len(images)} or less")
-        images = images[:n]
+        if n > left:
+            after = f" after the first {first}" if first else ""
+            raise DDPMError(f"--n {n} is more than the {left} images of {what}{after}; use --n {left} or less")
+    images = images[first:len(images) if n is None else first + n]
     return _to_shape(images, image_shape, what)
 
 

@@ -99,6 +99,7 @@ def test_nll_split_over_runs_equals_one_run(small_ckpt, data_npz, tmp_path, caps
     (["--data", "folder", "--data-dir", "/nonexistent/dir"], "does not exist"),
     (["--data", "cifar10"], "needs --data-dir"),
     (["--data", "DATA", "--n", 100], "more than the 6 images"),
+    (["--data", "DATA", "--first", 4, "--n", 3], "--n 3 is more than the 2 images of"),
     (["--data", "imagenet"], "unknown data"),
     (["--data", "DATA", "--json", "/nonexistent/dir/r.json"], "does not exist"),
 ])

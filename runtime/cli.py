@@ -145,3 +145,7 @@ def _run_key(model: Path, backend: str, chain: Chain, seed: int, noise_file: Pat
 
 def main(argv: list[str] | None = None) -> None:
     run_cli(run, "ddpm-run", argv)
+
+
+if __name__ == "__main__":  # python -m runtime.cli (e.g. from a checkout on PYTHONPATH)
+    main()

@@ -2,14 +2,16 @@
 
     python examples/benchmark_gpu.py [--steps 1000] [--batches 1,8,64] [--work DIR]
 
-Rows: eager PyTorch CUDA FP32, PyTorch CUDA autocast FP16, ONNX Runtime CUDA FP32, ONNX Runtime CUDA FP16, and FP16
-with a captured CUDA graph. The ONNX Runtime rows use the runtime's device-resident step graph when the chain is the
-full DDPM chain (x_t never leaves the GPU; only t and the host-drawn noise are copied in per step). Reports images/s,
-per-step latency, achieved TFLOP/s (12.44 GFLOP per image per forward) and its share of the FP16 matmul rate
-measured here with torch, and for the runtime rows the share of wall time the host spends outside the device step
-(1 - the time of the same steps fed pre-drawn noise / the wall time of the real chain). A last row runs the paper's
-256 x 256 UNet (`lsun256` preset, google/ddpm-church-256's structure, 114 M parameters) at batch 8 for 50 respaced
-DDPM steps (eps graph + host update). Needs torch with CUDA, onnxruntime-gpu, and the export extras.
+Rows: eager PyTorch CUDA FP32, PyTorch CUDA autocast FP16, ONNX Runtime CUDA FP32, ONNX Runtime CUDA FP16, FP16
+with a captured CUDA graph, and (an experiment) FP16 + graph on graphs fused by ONNX Runtime's `unet` optimizer
+(GroupNorm+SiLU and NHWC conv contrib ops). The ONNX Runtime rows use the runtime's device-resident step graph when
+the chain is the full DDPM chain (x_t never leaves the GPU; only t and the host-drawn noise are copied in per step).
+Reports images/s, per-step latency, achieved TFLOP/s (12.44 GFLOP per image per forward) and its share of the FP16
+matmul rate measured here with torch, and for the runtime rows the share of wall time the host spends outside the
+device step (1 - the per-step time of steps fed pre-drawn noise x steps / the wall time of the real chain). Right
+after the first batch size, a row runs the paper's 256 x 256 UNet (`lsun256` preset, google/ddpm-church-256's
+structure, 114 M parameters) at batch 8 for 50 respaced DDPM steps (eps graph + host update). Needs torch with
+CUDA, onnxruntime-gpu, and the export extras.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 # One forward per image, counted with torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, 2 per MAC):
 GFLOP_PER_IMAGE = 12.44  # the 35.7M-parameter CIFAR-10 UNet at 32 x 32
 GFLOP_PER_IMAGE_256 = 497.0  # the 114M-parameter lsun256 UNet at 256 x 256
+DEVICE_ONLY_STEPS = 200  # steps timed with pre-drawn noise for the host share
 
 
 def fail(message: str) -> None:
@@ -55,6 +58,7 @@ def prepare(work: Path, preset: str = "cifar10", image_size: int = 32) -> tuple[
     from ddpm_export.pipeline import FILENAMES, export_all
     from train.checkpoint import random_checkpoint, save_checkpoint
 
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"{preset}.pt"
     if not ckpt.exists():
         save_checkpoint(ckpt, random_checkpoint(preset, channels=3, image_size=image_size))
@@ -67,6 +71,60 @@ def prepare(work: Path, preset: str = "cifar10", image_size: int = 32) -> tuple[
         fail(f"the export in {out} lacks {', '.join(missing)}; this ddpm-export version does not write the FP16 "
              "step graph, so the FP16 rows would not run the device step graph")
     return ckpt, graphs[0]
+
+
+def _drop_float_casts(graph) -> None:  # type: ignore[no-untyped-def]
+    """Remove the unnamed Cast-to-float nodes the optimizer puts before each NhwcConv: no-ops in an FP32 graph, but
+    the FP16 converter would retype their outputs to float16 and leave `to=float`, which no runtime loads."""
+    import onnx
+
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    drop = [n for n in graph.node if n.op_type == "Cast" and not n.name
+            and next(a.i for a in n.attribute if a.name == "to") == onnx.TensorProto.FLOAT
+            and all(c.op_type == "NhwcConv" for c in consumers.get(n.output[0], []))]
+    for cast in drop:
+        for c in consumers.get(cast.output[0], []):
+            c.input[:] = [cast.input[0] if i == cast.output[0] else i for i in c.input]
+        graph.node.remove(cast)
+
+
+def fused_export(export: Path) -> Path:
+    """FP16 eps and step graphs with ONNX Runtime's CUDA fusions (an experiment, not a ddpm-export output yet).
+
+    onnxruntime.transformers' `unet` optimizer turns each GroupNorm pattern (+ SiLU) into one GroupNorm or
+    SkipGroupNorm contrib op and each Conv into an NHWC conv; the profile of the plain graph shows the many small
+    normalisation and elementwise kernels between the convolutions costing more than the convolutions. The FP32
+    graphs are fused first (our FP16 graph keeps normalisations in float32 behind Casts, which hides the pattern),
+    then converted with ddpm-export's own FP16 rules. The contrib ops run on CUDA only. Returns the fused FP16 eps
+    graph (its step graph lies beside it).
+    """
+    import onnx
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    from ddpm_export.fp16 import convert_to_fp16
+
+    out = export.parent / f"{export.name}-fused"
+    out.mkdir(exist_ok=True)
+    for fp32, fp16 in (("model.onnx", "model.fp16.onnx"), ("model.step.onnx", "model.fp16.step.onnx")):
+        if (out / fp16).exists():
+            continue
+        fused = optimizer.optimize_model(str(export / fp32), model_type="unet", opt_level=0, use_gpu=True,
+                                         optimization_options=FusionOptions("unet")).model
+        _drop_float_casts(fused.graph)
+        if not any(o.domain == "com.microsoft" for o in fused.opset_import):
+            fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        for i, node in enumerate(fused.graph.node):  # the FP16 rules address nodes by name
+            node.name = node.name or f"fused_{node.op_type}_{i}"
+        half = convert_to_fp16(fused)
+        plain = onnx.load(str(export / fp16), load_external_data=False)  # metadata as the plain FP16 graph has it
+        del half.metadata_props[:]
+        half.metadata_props.extend(plain.metadata_props)
+        onnx.save(half, str(out / fp16))
+    return out / "model.fp16.onnx"
 
 
 def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
@@ -95,9 +153,9 @@ def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
 
 
 def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str,
-                     cuda_graph: bool) -> tuple[float, float, str]:
+                     cuda_graph: bool) -> tuple[float, float, str, np.ndarray]:
     """Wall seconds of one chain through the runtime (after a 3-step warm-up that captures CUDA graphs), the share of
-    it spent outside the device step, and which path ran."""
+    it spent outside the device step, which path ran, and the samples (seed 0)."""
     from runtime.backends import open_model
     from runtime.noise import SeededNoise
     from runtime.samplers import Chain, sample
@@ -111,18 +169,19 @@ def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str,
         state = stepper.step(state, k, np.full(batch, chain.schedule.timesteps[k], np.int64), warm.draw())
     stepper.finish(state)
     start = time.perf_counter()
-    sample(backend, chain, batch, seed=0, batch_size=batch)
+    samples = sample(backend, chain, batch, seed=0, batch_size=batch)
     wall = time.perf_counter() - start
-    x, noise = warm.draw(), warm.draw()  # the same steps with noise already drawn: the device step alone
-    ts = [np.full(batch, chain.schedule.timesteps[k], np.int64) for k in range(len(chain))]
+    x, noise = warm.draw(), warm.draw()  # steps with noise already drawn: the device step alone, on the
+    ks = list(reversed(range(len(chain))))[:DEVICE_ONLY_STEPS]  # first steps (it is the same at every step)
+    ts = {k: np.full(batch, chain.schedule.timesteps[k], np.int64) for k in ks}
     start = time.perf_counter()
     state = stepper.start(x)
-    for k in reversed(range(len(chain))):
+    for k in ks:
         state = stepper.step(state, k, ts[k], noise)
     stepper.finish(state)
-    device = time.perf_counter() - start
+    device = (time.perf_counter() - start) * len(chain) / len(ks)
     path = "device step graph" if backend.step_graph_fits(chain) else "eps graph + host update"
-    return wall, max(0.0, 1.0 - device / wall), path
+    return wall, max(0.0, 1.0 - device / wall), path, samples
 
 
 @click.command()
@@ -156,16 +215,27 @@ def main(steps: int, batches: str, work: Path | None) -> None:
             click.echo(f"{name:<26} {batch:>5} {batch / seconds:>9.2f} {1e3 * seconds / n_steps:>8.2f} "
                        f"{tflops:>8.2f} {100 * tflops / peak:>7.1f}% {share}  {path}")
 
-        for batch in sizes:
+        fused, fp16_samples = fused_export(onnx_path.parent), None
+        for i, batch in enumerate(sizes):
             row("torch eager FP32", batch, steps, time_eager(ckpt, batch, steps, False), None, "eager")
             row("torch autocast FP16", batch, steps, time_eager(ckpt, batch, steps, True), None, "eager")
-            for name, precision, graph in (("ORT CUDA FP32", "fp32", False), ("ORT CUDA FP16", "fp16", False),
-                                           ("ORT CUDA FP16 + graph", "fp16", True)):
-                row(name, batch, steps, *time_onnxruntime(onnx_path, batch, steps, precision, graph))
-        big_ckpt, big_onnx = prepare(work or Path(tmp), "lsun256", 256)
-        gflop = GFLOP_PER_IMAGE_256
-        row("256x256 torch eager FP32", 8, 50, time_eager(big_ckpt, 8, 50, False), None, "eager", gflop)
-        row("256x256 ORT CUDA FP16", 8, 50, *time_onnxruntime(big_onnx, 8, 50, "fp16", False), gflop)
+            for name, graph_path, precision, graph in (
+                    ("ORT CUDA FP32", onnx_path, "fp32", False), ("ORT CUDA FP16", onnx_path, "fp16", False),
+                    ("ORT CUDA FP16 + graph", onnx_path, "fp16", True), ("ORT FP16 fused + graph", fused, "fp16", True)):
+                try:
+                    wall, host, path, x = time_onnxruntime(graph_path, batch, steps, precision, graph)
+                    if graph_path == fused and fp16_samples is not None:  # same seed and chain: what fusion moves
+                        d = np.abs(x - fp16_samples)
+                        path += f"; vs FP16 + graph: max |diff| {d.max():.3g}, mean {d.mean():.2g}"
+                    fp16_samples = x
+                    row(name, batch, steps, wall, host, path)
+                except Exception as exc:  # a failing row (the fused one is an experiment) must not cost the rest
+                    click.echo(f"{name:<26} {batch:>5} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            if i == 0:  # the 256 x 256 row right after the first (most important) batch size
+                big_ckpt, big_onnx = prepare(work or Path(tmp), "lsun256", 256)
+                gflop = GFLOP_PER_IMAGE_256
+                row("256x256 torch eager FP32", 8, 50, time_eager(big_ckpt, 8, 50, False), None, "eager", gflop)
+                row("256x256 ORT CUDA FP16", 8, 50, *time_onnxruntime(big_onnx, 8, 50, "fp16", False)[:3], gflop)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import DDPMError
-from runtime.noise import PrefetchedNoise, SeededNoise, chain_noise
+from runtime.noise import MAX_NOISE_THREADS, PrefetchedNoise, SeededNoise, chain_noise, noise_threads
 from runtime.samplers import Chain, HostStepper, run_chain, sample
 from runtime.schedule import DiffusionConfig
 
@@ -65,3 +65,33 @@ def test_no_draw_beyond_the_announced_count() -> None:
         noise.draw()
         with pytest.raises(DDPMError, match="more noise draws"):
             noise.draw()
+
+
+def test_a_draw_split_over_threads_is_the_one_thread_draw() -> None:
+    shape = (3, 16, 16)
+    one, split = SeededNoise(4, 3, 7, shape, threads=1), SeededNoise(4, 3, 7, shape, threads=3)
+    first = [np.random.default_rng([4, 3 + i]).standard_normal(shape, dtype=np.float32) for i in range(7)]
+    draws = [(one.draw(), split.draw()) for _ in range(3)]
+    assert np.array_equal(draws[0][0], np.stack(first))  # the documented order: image i's generator rng([seed, i])
+    assert all(np.array_equal(a, b) for a, b in draws) and not np.array_equal(draws[0][0], draws[1][0])
+
+
+def test_big_draws_use_several_threads_small_ones_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert noise_threads(64, (1, 8, 8)) == 1
+    assert noise_threads(16, (3, 256, 256)) == MAX_NOISE_THREADS
+    assert noise_threads(3, (3, 256, 256)) == 3  # never more threads than images
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert noise_threads(16, (3, 256, 256)) == 2
+
+
+def test_a_failure_in_a_split_draw_is_a_clean_error() -> None:
+    class Broken:
+        def standard_normal(self, **kwargs: object) -> None:
+            raise RuntimeError("generator state lost")
+
+    source = SeededNoise(0, 0, 4, SHAPE, threads=2)
+    source.rngs[3] = Broken()  # type: ignore[assignment]
+    chain = Chain.build(DiffusionConfig(), "ddpm", "5")
+    with pytest.raises(DDPMError, match=r"drawing noise failed \(RuntimeError: generator state lost\)"):
+        run_chain(HostStepper(eps_fn, chain), chain, source)

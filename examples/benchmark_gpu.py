@@ -215,19 +215,20 @@ def main(steps: int, batches: str, work: Path | None) -> None:
             click.echo(f"{name:<26} {batch:>5} {batch / seconds:>9.2f} {1e3 * seconds / n_steps:>8.2f} "
                        f"{tflops:>8.2f} {100 * tflops / peak:>7.1f}% {share}  {path}")
 
-        fused, fp16_samples = fused_export(onnx_path.parent), None
+        fused, previous = fused_export(onnx_path.parent), None  # previous: the samples of the row before
         for i, batch in enumerate(sizes):
             row("torch eager FP32", batch, steps, time_eager(ckpt, batch, steps, False), None, "eager")
             row("torch autocast FP16", batch, steps, time_eager(ckpt, batch, steps, True), None, "eager")
             for name, graph_path, precision, graph in (
                     ("ORT CUDA FP32", onnx_path, "fp32", False), ("ORT CUDA FP16", onnx_path, "fp16", False),
-                    ("ORT CUDA FP16 + graph", onnx_path, "fp16", True), ("ORT FP16 fused + graph", fused, "fp16", True)):
+                    ("ORT CUDA FP16 + graph", onnx_path, "fp16", True),
+                    ("ORT FP16 fused + graph", fused, "fp16", True)):
                 try:
                     wall, host, path, x = time_onnxruntime(graph_path, batch, steps, precision, graph)
-                    if graph_path == fused and fp16_samples is not None:  # same seed and chain: what fusion moves
-                        d = np.abs(x - fp16_samples)
+                    if graph_path == fused and previous is not None:  # vs FP16 + graph, same seed: what fusion moves
+                        d = np.abs(x - previous)
                         path += f"; vs FP16 + graph: max |diff| {d.max():.3g}, mean {d.mean():.2g}"
-                    fp16_samples = x
+                    previous = x
                     row(name, batch, steps, wall, host, path)
                 except Exception as exc:  # a failing row (the fused one is an experiment) must not cost the rest
                     click.echo(f"{name:<26} {batch:>5} failed: {type(exc).__name__}: {str(exc)[:300]}")

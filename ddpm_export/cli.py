@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import run_cli
-from runtime.samplers import DEFAULT_SAMPLER
+from runtime.samplers import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
 from runtime.validation import FINITE
 
 
@@ -113,7 +113,8 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
 @click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
               help="default sampler of requests that name none")
 @click.option("--steps", default=None,
-              help="default steps (as ddpm-run --steps)  [default: 20 for the solvers, all T for ddpm and ddim]")
+              help=f"default steps (as ddpm-run --steps)  [default: {DEFAULT_SOLVER_STEPS} for the solvers, all T for "
+              "ddpm and ddim]")
 @click.option("--spacing", default=None, help="default spacing (as ddpm-run --spacing)")
 @click.option("--eta", type=FINITE, default=None, help="default DDIM eta of ddim requests  [default: 0]")
 @click.option("--force", is_flag=True, help="replace an existing repository folder")

@@ -31,6 +31,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 @click.group(context_settings=CONTEXT)
+@click.version_option(package_name="ddpm-deploy", prog_name="ddpm-eval")
 def cli() -> None:
     """Evaluate a DDPM model the way the paper does: bits/dim, sample quality, figures."""
 

@@ -208,6 +208,7 @@ def _choice(values: tuple[str, ...]) -> click.Choice:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddpm-deploy", prog_name="ddpm-serve")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--http-port", type=int, default=8000, show_default=True)

@@ -121,7 +121,7 @@ def test_preview_is_what_ddpm_run_samples_from_the_checkpoint(tmp_path: Path, ca
     assert np.array_equal(preview, np.asarray(Image.open(tmp_path / "run.png")))
 
 
-@pytest.mark.parametrize("module", ["train.cli", "runtime.cli", "ddpm_export.cli"])
+@pytest.mark.parametrize("module", ["train.cli", "runtime.cli", "ddpm_export.cli", "evaluation.cli", "runtime.serve"])
 def test_every_cli_states_its_defaults_and_version(module: str) -> None:
     import importlib
 

@@ -22,7 +22,7 @@ from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
 from runtime.schedule import DiffusionConfig, Schedule
 from runtime.steps import DDPMCoefficients, ddpm_step
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -257,3 +257,17 @@ def test_existing_outputs_are_never_half_overwritten(tiny_checkpoint: Path, tmp_
         export_all(tiny_checkpoint, tmp_path, max_batch=2, engine=False)
     assert (tmp_path / "model.step.onnx").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.step.onnx"]
+
+
+def test_patch_stem_model_exports_and_validates(tmp_path: Path) -> None:
+    """The quickstart's `fast` preset (2 x 2 pixel patches folded into channels) traces to graphs that pass the
+    same validation and give eager's eps, at MNIST's own 28 x 28."""
+    ckpt = save_checkpoint(tmp_path / "fast.pt", random_checkpoint("fast", 1, 28))
+    files = export_all(ckpt, tmp_path / "export", fp16=True, step_graph=True, max_batch=3, engine=False)
+    assert json.loads(files["validation"].read_text())["passed"]
+    rng = np.random.default_rng(2)
+    feed = {"x_t": rng.standard_normal((3, 1, 28, 28)).astype(np.float32), "t": np.array([0, 400, 999])}
+    eps = _session(files["onnx"]).run(["eps"], feed)[0]
+    with torch.no_grad():
+        ref = load_checkpoint(ckpt).ema_model()(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])).numpy()
+    assert ref.std() > 0.05 and np.abs(eps - ref).max() <= 1e-4

@@ -142,6 +142,8 @@ def test_cifar10_preset_config_is_google_ddpm_cifar10_32():
     assert from_diffusers_config(mapped) == preset
     church = from_diffusers_config(CHURCH_256)
     assert (church.channel_mult, church.attention_resolutions, church.image_size) == ((1, 1, 2, 2, 4, 4), (16,), 256)
+    with pytest.raises(DDPMError, match="no patch stem"):  # the quickstart's preset has no UNet2DModel twin
+        to_diffusers_config(preset_config("fast", 28, 1))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -53,6 +53,9 @@ def unet2d_defaults() -> dict[str, Any]:
 def to_diffusers_config(config: ModelConfig) -> dict[str, Any]:
     """The UNet2DModel keyword arguments of the same network (for the cifar10 preset: google/ddpm-cifar10-32's
     config, with our dropout 0.1 where that file leaves diffusers' default 0)."""
+    if config.patch_size != 1:
+        raise DDPMError(f"UNet2DModel has no patch stem; a model with patch_size {config.patch_size} has no diffusers "
+                        "equivalent (export it to ONNX instead)")
     levels = len(config.channel_mult)
     attn = [config.image_size // 2**i in config.attention_resolutions for i in range(levels)]
     return {

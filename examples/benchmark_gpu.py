@@ -220,8 +220,8 @@ def main(steps: int, batches: str, work: Path | None) -> None:
         except Exception as exc:  # the experiment must not cost the measured rows
             fused = None
             click.echo(f"fused graphs not made ({type(exc).__name__}: {str(exc)[:300]}); that row is skipped")
-        previous = None  # the samples of the row before
         for i, batch in enumerate(sizes):
+            samples: dict[str, np.ndarray] = {}  # per row name, at this batch size
             row("torch eager FP32", batch, steps, time_eager(ckpt, batch, steps, False), None, "eager")
             row("torch autocast FP16", batch, steps, time_eager(ckpt, batch, steps, True), None, "eager")
             for name, graph_path, precision, graph in (
@@ -232,10 +232,11 @@ def main(steps: int, batches: str, work: Path | None) -> None:
                     continue
                 try:
                     wall, host, path, x = time_onnxruntime(graph_path, batch, steps, precision, graph)
-                    if graph_path == fused and previous is not None:  # vs FP16 + graph, same seed: what fusion moves
-                        d = np.abs(x - previous)
+                    plain = samples.get("ORT CUDA FP16 + graph") if graph_path == fused else None
+                    if plain is not None:  # same seed: what the fusion moves
+                        d = np.abs(x - plain)
                         path += f"; vs FP16 + graph: max |diff| {d.max():.3g}, mean {d.mean():.2g}"
-                    previous = x
+                    samples[name] = x
                     row(name, batch, steps, wall, host, path)
                 except Exception as exc:  # a failing row (the fused one is an experiment) must not cost the rest
                     click.echo(f"{name:<26} {batch:>5} failed: {type(exc).__name__}: {str(exc)[:300]}")

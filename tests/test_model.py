@@ -12,6 +12,14 @@ import torch.nn.functional as F  # noqa: E402
 from train.model import ModelConfig, UNet, count_parameters, preset_config, preset_image_size  # noqa: E402
 
 
+def _wake(model: UNet) -> UNet:
+    """Perturb every weight, the zero-initialised output layers too, so the output depends on x and t."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
 def test_cifar10_preset_has_the_papers_parameter_count_and_runs() -> None:
     torch.manual_seed(0)
     model = UNet(preset_config("cifar10", 32, 3)).eval()
@@ -25,10 +33,8 @@ def test_cifar10_preset_has_the_papers_parameter_count_and_runs() -> None:
 @pytest.mark.parametrize("batch, channels", [(1, 1), (3, 3)])
 def test_forward_shapes(preset: str, batch: int, channels: int) -> None:
     torch.manual_seed(0)
-    model = UNet(preset_config(preset, 32, channels)).eval()
+    model = _wake(UNet(preset_config(preset, 32, channels)))
     with torch.no_grad():
-        for p in model.parameters():  # wake the zero-initialised output layers so the output depends on t
-            p.add_(0.05 * torch.randn_like(p))
         x = torch.randn(batch, channels, 32, 32)
         out = model(x, torch.arange(batch) * 400)
         again = model(x, torch.arange(batch) * 400 + 1)
@@ -39,13 +45,6 @@ def test_forward_shapes(preset: str, batch: int, channels: int) -> None:
 def test_unknown_preset_is_a_user_error() -> None:
     with pytest.raises(DDPMError, match="unknown preset"):
         preset_config("huge", 32, 3)
-
-
-def _wake(model: UNet) -> UNet:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def test_patch_stem_is_the_plain_unet_on_folded_pixels() -> None:

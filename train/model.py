@@ -13,6 +13,12 @@ from torch import nn
 from runtime.errors import DDPMError
 
 
+def size_multiple(patch_size: int, levels: int) -> int:
+    """Image sides a UNet takes are multiples of this: the patch folds the image, then each level but the last halves
+    the grid."""
+    return patch_size * 2 ** (levels - 1)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters; stored in checkpoints so a model can be rebuilt without code changes."""
@@ -38,7 +44,7 @@ class ModelConfig:
         levels = len(self.channel_mult)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise DDPMError(f"patch_size {self.patch_size} must be >= 1 and divide image_size {self.image_size}")
-        if self.grid_size % (2 ** (levels - 1)):
+        if self.image_size % size_multiple(self.patch_size, levels):
             raise DDPMError(f"image_size {self.image_size} / patch_size {self.patch_size} must be divisible by "
                             f"2^{levels - 1} for {levels} levels")
         widths = {self.base_channels * m for m in self.channel_mult}
@@ -87,11 +93,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_image_size(name: str, size: int) -> int:
-    """The smallest size >= `size` that the preset's UNet divides (the patch, then each level but the last halves
-    it)."""
+    """The smallest size >= `size` that the preset's UNet divides."""
     if name not in PRESETS:
         raise DDPMError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-    multiple = PRESETS[name].get("patch_size", 1) * 2 ** (len(PRESETS[name]["channel_mult"]) - 1)
+    multiple = size_multiple(PRESETS[name].get("patch_size", 1), len(PRESETS[name]["channel_mult"]))
     return -(-size // multiple) * multiple
 
 

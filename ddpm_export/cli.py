@@ -11,10 +11,8 @@ from pathlib import Path
 
 import click
 
-from runtime.errors import run_cli
-from runtime.samplers import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
-from runtime.validation import FINITE
-
+from runtime.cli_common import CONTEXT, FINITE, force_option, run_cli
+from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
 
 
 class _ExportByDefault(click.Group):
@@ -26,7 +24,7 @@ class _ExportByDefault(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_ExportByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_ExportByDefault, context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-export")
 def cli() -> None:
     """Export a model (ddpm-train checkpoint, diffusers folder, improved-diffusion state dict) to ONNX (FP32, FP16,
@@ -59,7 +57,7 @@ def _batch_options(f):
 @click.option("--engine/--no-engine", default=None,
               help="build the TensorRT engine: --engine requires it, --no-engine skips it  [default: if possible]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the graphs numerically")
-@click.option("--force", is_flag=True, help="overwrite existing outputs")
+@force_option("Overwrite existing outputs.")
 def export_cmd(source: Path, out_dir: Path | None, scheduler_config: Path | None, flags: str | None, fp16: bool,
                step_graph: bool, opset: int, max_batch: int, min_batch: int, opt_batch: int | None,
                engine: bool | None, validate: bool, force: bool) -> None:
@@ -84,7 +82,7 @@ def export_cmd(source: Path, out_dir: Path | None, scheduler_config: Path | None
 @click.option("--max-batch", type=int, default=None, help="largest batch  [default: the export's max batch]")
 @_batch_options
 @click.option("--opt-level", type=int, default=3, show_default=True, help="builder optimization level 0..5")
-@click.option("--force", is_flag=True, help="overwrite an existing engine")
+@force_option("Overwrite an existing engine.")
 def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_batch: int, opt_batch: int | None,
                      opt_level: int, force: bool) -> None:
     """Build a TensorRT engine from MODEL (model.fp16.onnx) on this GPU."""
@@ -117,12 +115,12 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
               "ddpm and ddim]")
 @click.option("--spacing", default=None, help="default spacing (as ddpm-run --spacing)")
 @click.option("--eta", type=FINITE, default=None, help="default DDIM eta of ddim requests  [default: 0]")
-@click.option("--force", is_flag=True, help="replace an existing repository folder")
+@force_option("Replace an existing repository folder.")
 def triton_repo_cmd(export_dir: Path, out: Path, graph: str | None, kind: str, instances: int,
                     sampler_instances: int, max_batch: int | None, queue_delay_us: int, sampler: str,
                     steps: str | None, spacing: str | None, eta: float | None, force: bool) -> None:
     """Write a model repository for the official Triton containers from EXPORT_DIR (see README, Serving)."""
-    from ddpm_export.triton_repo import write_repository
+    from runtime.serving.triton_repo import write_repository
 
     written = write_repository(export_dir, out, graph=graph, kind=kind, instances=instances,
                                sampler_instances=sampler_instances, max_batch=max_batch,

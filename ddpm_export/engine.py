@@ -145,7 +145,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, pro
         plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise DDPMError(f"TensorRT failed to build an engine from {onnx_path}; rerun with a lower "
-                        "--opt-level or check the log above")
+                        "{opt:opt_level} or check the log above")
     seconds = time.perf_counter() - start
     atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
     atomic_write_bytes(plan_path, bytes(plan))

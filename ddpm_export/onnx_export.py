@@ -21,7 +21,7 @@ def check_opset(opset: int) -> None:
     """Refuse an opset the exporter or the installed onnx cannot write, before any work."""
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
-        raise DDPMError(f"--opset {opset} is out of range: the dynamo exporter needs >= {MIN_OPSET} and the installed "
+        raise DDPMError(f"{{opt:opset}} {opset} is out of range: the dynamo exporter needs >= {MIN_OPSET} and the installed "
                         f"onnx knows opsets up to {newest}")
 
 
@@ -49,7 +49,7 @@ def export_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
             )
     except Exception as exc:  # the exporter raises many types; each means this module/opset could not be exported
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DDPMError(f"torch.onnx.export failed at opset {opset} ({first[:200]}); try the default --opset "
+        raise DDPMError(f"torch.onnx.export failed at opset {opset} ({first[:200]}); try the default {{opt:opset}} "
                         f"{MIN_OPSET}") from None
     finally:
         exporter_log.setLevel(level)

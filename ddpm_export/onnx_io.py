@@ -10,15 +10,10 @@ import onnx
 
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write, temp_prefix
-from runtime.metadata import ModelInfo
+from runtime.metadata import ModelInfo, external_data_path
 
 BATCH_DIM = "batch"
 _PROTOBUF_LIMIT = 2**31 - 1  # a single protobuf message cannot exceed 2 GB: larger models need external data
-
-
-def external_data_path(path: str | os.PathLike) -> Path:
-    """model.onnx -> model.onnx.data (only written for models over 2 GB)."""
-    return Path(str(path) + ".data")
 
 
 def set_metadata(model: onnx.ModelProto, info: ModelInfo) -> onnx.ModelProto:

@@ -50,12 +50,12 @@ class ValidationFailed(DDPMError):
 def check_batch_range(min_batch: int, opt_batch: int | None, max_batch: int) -> tuple[int, int, int]:
     """(min, opt, max) of the dynamic batch; opt defaults to max (the batch a sampler usually runs)."""
     if max_batch < 1:
-        raise DDPMError(f"--max-batch must be >= 1, got {max_batch}")
+        raise DDPMError(f"{{opt:max_batch}} must be >= 1, got {max_batch}")
     if not 1 <= min_batch <= max_batch:
-        raise DDPMError(f"--min-batch must be between 1 and --max-batch ({max_batch}), got {min_batch}")
+        raise DDPMError(f"{{opt:min_batch}} must be between 1 and {{opt:max_batch}} ({max_batch}), got {min_batch}")
     opt = max_batch if opt_batch is None else opt_batch
     if not min_batch <= opt <= max_batch:
-        raise DDPMError(f"--opt-batch must be between --min-batch ({min_batch}) and --max-batch ({max_batch}), "
+        raise DDPMError(f"{{opt:opt_batch}} must be between {{opt:min_batch}} ({min_batch}) and {{opt:max_batch}} ({max_batch}), "
                         f"got {opt}")
     return min_batch, opt, max_batch
 
@@ -73,18 +73,18 @@ def planned_outputs(out_dir: Path, fp16: bool, step_graph: bool, validate: bool,
 def _prepare_out_dir(out_dir: Path, targets: dict[str, Path], force: bool) -> None:
     """Create the folder and refuse (before any work) to clobber any of the outputs unasked."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise DDPMError(f"--out-dir {out_dir} is a file; give a folder")
+        raise DDPMError(f"{{opt:out_dir}} {out_dir} is a file; give a folder")
     if not out_dir.exists():
         if not out_dir.parent.is_dir():
             raise DDPMError(f"cannot create {out_dir}: folder {out_dir.parent} does not exist; create it first")
         try:
             out_dir.mkdir()
         except OSError as exc:
-            raise DDPMError(f"cannot create {out_dir}: {exc.strerror}; choose another --out-dir") from None
+            raise DDPMError(f"cannot create {out_dir}: {exc.strerror}; choose another {{opt:out_dir}}") from None
     existing = [p.name for p in targets.values() if p.exists()]
     if existing and not force:
-        raise DDPMError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite or choose "
-                        "another --out-dir")
+        raise DDPMError(f"{out_dir} already holds {', '.join(existing)}; pass {{opt:force}} to overwrite or choose "
+                        "another {opt:out_dir}")
     for path in targets.values():
         check_writable(path, force=True)
 
@@ -104,7 +104,7 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
     profile = check_batch_range(min_batch, opt_batch, max_batch)
     check_opset(opset)
     if engine and not fp16:
-        raise DDPMError("--engine builds from the FP16 ONNX; drop --no-fp16")
+        raise DDPMError("{opt:engine} builds from the FP16 ONNX; drop {opt:no_fp16}")
     out_dir = Path(out_dir)
     if not isinstance(source, SourceModel):
         source = load_source(source)
@@ -115,12 +115,12 @@ def export_all(source: SourceModel | str | os.PathLike, out_dir: str | os.PathLi
                         f"{', ...' if len(broken) > 3 else ''}); export a checkpoint from before the run diverged")
     engine_missing = trt_engine.missing_reason() if fp16 and engine is not False else None
     if engine and engine_missing:
-        raise DDPMError(f"--engine was requested but {engine_missing}; run without --engine to export the ONNX "
+        raise DDPMError(f"{{opt:engine}} was requested but {engine_missing}; run without {{opt:engine}} to export the ONNX "
                         "files only")
     base = source.info()
     if validate:  # the validation's largest case holds x_t, noise and a few outputs of the max batch
-        require_memory(8 * max_batch * int(np.prod(base.image_shape)) * 4, f"validating --max-batch {max_batch}",
-                       "lower --max-batch")
+        require_memory(8 * max_batch * int(np.prod(base.image_shape)) * 4, f"validating {{opt:max_batch}} {max_batch}",
+                       "lower {opt:max_batch}")
     targets = planned_outputs(out_dir, fp16, step_graph, validate, fp16 and engine is not False and not engine_missing)
     created = not out_dir.exists()
     _prepare_out_dir(out_dir, targets, force)

@@ -1,6 +1,6 @@
 """The step graph, x_t, t, noise -> x_prev, as an eps graph joined to a small float32 update graph.
 
-The update is `runtime.steps.ddpm_step` itself, traced with torch tensors, with the tables that
+The update is `runtime.sampling.steps.ddpm_step` itself, traced with torch tensors, with the tables that
 `DDPMCoefficients.tables` builds from the checkpoint's schedule: export adds no math of its own. Building the step
 graph by composition lets the FP32 and FP16 step graphs share one update, kept in float32 either way: in float16,
 x_0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps (both coefficients near 157 at t = 999) loses x_0 to cancellation.
@@ -18,8 +18,8 @@ from torch import nn
 from ddpm_export.onnx_export import export_module, sample_inputs
 from runtime.errors import DDPMError
 from runtime.metadata import eps_outputs
-from runtime.schedule import DiffusionConfig, Schedule
-from runtime.steps import DDPMCoefficients, ddpm_step
+from runtime.sampling.schedule import DiffusionConfig, Schedule
+from runtime.sampling.steps import DDPMCoefficients, ddpm_step
 
 TABLES = tuple(f.name for f in dataclasses.fields(DDPMCoefficients))
 UPDATE_PREFIX = "update/"  # on the update graph's inner names, so they never clash with the eps graph's
@@ -61,7 +61,7 @@ def compose_step_graph(eps_model: onnx.ModelProto, update_model: onnx.ModelProto
     if (eps_model.ir_version, _opset(eps_model)) != (update_model.ir_version, _opset(update_model)):
         raise DDPMError(f"cannot join the eps graph (IR {eps_model.ir_version}, opset {_opset(eps_model)}) to the "
                         f"update graph (IR {update_model.ir_version}, opset {_opset(update_model)}); "
-                        "export both with the same torch and --opset")
+                        "export both with the same torch and {opt:opset}")
     head = onnx.ModelProto()
     head.CopyFrom(eps_model)
     inputs = [i.name for i in head.graph.input]

@@ -2,7 +2,7 @@
 
 Comparisons on the same seeded inputs (batch sizes 1, 3 and the max; timesteps 0, T/2, T-1; x_t scaled x5 for
 large activations): eager PyTorch vs FP32 ONNX Runtime, FP16 vs FP32 ONNX Runtime, each step graph vs NumPy
-`runtime.steps.ddpm_step` applied to the output of the eps graph of its precision (checks the float32 update
+`runtime.sampling.steps.ddpm_step` applied to the output of the eps graph of its precision (checks the float32 update
 exactly), and the FP16 step graph vs the FP32 one (the FP16 error as a sampler sees it).
 """
 
@@ -23,9 +23,10 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 from tqdm import tqdm
 
+from runtime.backends.onnxruntime_backend import open_session
 from runtime.metadata import ModelInfo
-from runtime.schedule import Schedule
-from runtime.steps import DDPMCoefficients, ddpm_step
+from runtime.sampling.schedule import Schedule
+from runtime.sampling.steps import DDPMCoefficients, ddpm_step
 
 Feed = dict[str, np.ndarray]
 
@@ -97,12 +98,6 @@ def make_cases(info: ModelInfo, max_batch: int, seed: int = 0) -> tuple[list[Cas
     return cases, feeds
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((a - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-12))
 
@@ -143,7 +138,7 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
             out = model(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"]))
         return dict(zip(outputs, (o.numpy() for o in (out if isinstance(out, tuple) else (out,)))))
 
-    fp32_sess = _session(onnx_path)
+    fp32_sess = open_session(onnx_path)
     coeff = DDPMCoefficients.tables(Schedule.from_config(info.diffusion), info.diffusion.variance_type)
     clip = info.diffusion.clip_range if info.diffusion.clip_denoised else None
 
@@ -157,16 +152,16 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
 
     eps_runners: list[BaseRunner] = [FunctionRunner("pytorch-eager", eager, eps_inputs),
                                      OnnxrtRunner(fp32_sess, name="onnxrt-fp32")]
-    fp16_sess = _session(fp16_path) if fp16_path is not None else None
+    fp16_sess = open_session(fp16_path) if fp16_path is not None else None
     if fp16_sess is not None:
         eps_runners.append(OnnxrtRunner(fp16_sess, name="onnxrt-fp16"))
     step_runners: list[BaseRunner] = []
     step_inputs = {**eps_inputs, "noise": (np.float32, ["batch", *image])}
     if step_path is not None:
-        step_runners = [OnnxrtRunner(_session(step_path), name="onnxrt-step"),
+        step_runners = [OnnxrtRunner(open_session(step_path), name="onnxrt-step"),
                         FunctionRunner("numpy-ddpm_step", numpy_step(fp32_sess), step_inputs)]
     if fp16_step_path is not None and fp16_sess is not None and step_runners:
-        step_runners += [OnnxrtRunner(_session(fp16_step_path), name="onnxrt-fp16-step"),
+        step_runners += [OnnxrtRunner(open_session(fp16_step_path), name="onnxrt-fp16-step"),
                          FunctionRunner("numpy-ddpm_step-fp16-eps", numpy_step(fp16_sess), step_inputs)]
     fp16_step = len(step_runners) == 4  # the FP16 pair follows the FP32 pair
 

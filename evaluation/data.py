@@ -23,7 +23,7 @@ def _train_data():  # type: ignore[no-untyped-def]
         import train.data as data
     except ImportError:
         raise DDPMError("the mnist and cifar10 readers need the train extra (pip install 'ddpm-deploy[train]'); "
-                        "or pass an .npz (arr_0: uint8 N x H x W x C) or --data folder") from None
+                        "or pass an .npz (arr_0: uint8 N x H x W x C) or {opt:data} folder") from None
     return data
 
 
@@ -38,7 +38,7 @@ def cifar10_test(data_dir: Path) -> np.ndarray:
     """The 10,000 CIFAR-10 test images (`test_batch`, never seen by `ddpm-train`): uint8 N x 3 x 32 x 32."""
     path = data_dir / "test_batch"
     if not path.is_file():
-        raise DDPMError(f"{data_dir} has no test_batch; point --data-dir at the extracted cifar-10-batches-py folder")
+        raise DDPMError(f"{data_dir} has no test_batch; point {{opt:data_dir}} at the extracted cifar-10-batches-py folder")
     batch = _train_data().safe_unpickle(path)
     data = batch.get(b"data") if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -99,9 +99,9 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
         images, what = mnist_digits(), "mnist"
     elif data in ("cifar10", "folder"):
         if data_dir is None:
-            raise DDPMError(f"--data {data} needs --data-dir PATH")
+            raise DDPMError(f"{{opt:data}} {data} needs {{opt:data_dir}} PATH")
         if not data_dir.is_dir():
-            raise DDPMError(f"data folder {data_dir} does not exist or is not a folder; pass an existing --data-dir")
+            raise DDPMError(f"data folder {data_dir} does not exist or is not a folder; pass an existing {{opt:data_dir}}")
         images = cifar10_test(data_dir) if data == "cifar10" else folder_images(data_dir, image_shape)
         what = f"{data_dir}"
     elif data.lower().endswith(".npz"):
@@ -110,17 +110,17 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
             raise DDPMError(f"data file {path} not found")
         images, what = npz_images(path), str(path)
     else:
-        raise DDPMError(f"unknown data {data!r}; use mnist, cifar10, folder (with --data-dir) or an .npz file")
+        raise DDPMError(f"unknown data {data!r}; use mnist, cifar10, folder (with {{opt:data_dir}}) or an .npz file")
     if first >= len(images):
-        raise DDPMError(f"--first {first} skips all {len(images)} images of {what}; use --first {len(images) - 1} "
+        raise DDPMError(f"{{opt:first}} {first} skips all {len(images)} images of {what}; use {{opt:first}} {len(images) - 1} "
                         "or less")
     left = len(images) - first
     if n is not None:
         if n < 1:
-            raise DDPMError(f"--n must be >= 1, got {n}")
+            raise DDPMError(f"{{opt:n}} must be >= 1, got {n}")
         if n > left:
             after = f" after the first {first}" if first else ""
-            raise DDPMError(f"--n {n} is more than the {left} images of {what}{after}; use --n {left} or less")
+            raise DDPMError(f"{{opt:n}} {n} is more than the {left} images of {what}{after}; use {{opt:n}} {left} or less")
     images = images[first:len(images) if n is None else first + n]
     return _to_shape(images, image_shape, what)
 

@@ -20,11 +20,12 @@ from typing import Any
 import click
 import numpy as np
 
+from runtime.cli_common import backend_options, force_option
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes
 from runtime.images import to_uint8
-from runtime.schedule import SPACINGS
-from runtime.solvers import SOLVERS
+from runtime.sampling.schedule import SPACINGS
+from runtime.sampling import SOLVERS
 
 SWEEP_SAMPLERS = ("ddpm", "ddim") + SOLVERS
 DEFAULT_STEPS = "10,20,50,100,250,1000"
@@ -53,7 +54,7 @@ def parse_cells(cells: tuple[str, ...], samplers: str, steps: str) -> list[tuple
         pairs = []
         for spec in cells:
             if spec.count(":") != 1:
-                raise DDPMError(f"bad --cell {spec!r}; write SAMPLER:STEPS, e.g. sde-dpm++2m:10")
+                raise DDPMError(f"bad {{opt:cells}} {spec!r}; write SAMPLER:STEPS, e.g. sde-dpm++2m:10")
             name, k = spec.split(":")
             pairs.append((sampler(name.strip()), count(k)))
         return list(dict.fromkeys(pairs))
@@ -64,15 +65,15 @@ def parse_seeds(seeds: str) -> list[int]:
     try:
         values = [int(s) for s in seeds.split(",")]
     except ValueError:
-        raise DDPMError(f"bad --seeds {seeds!r}; give seeds like 0,1") from None
+        raise DDPMError(f"bad {{opt:seeds}} {seeds!r}; give seeds like 0,1") from None
     if any(s < 0 for s in values) or len(set(values)) != len(values):
-        raise DDPMError(f"--seeds must be distinct numbers >= 0, got {seeds}")
+        raise DDPMError(f"{{opt:seeds}} must be distinct numbers >= 0, got {seeds}")
     return values
 
 
 def score(images_uint8_nhwc: np.ndarray) -> dict[str, float]:
     """Frechet distance to the real digits in the classifier's features, and the confidently labelled share."""
-    from train.quality import DigitQuality, digit_frechet  # the train extra (scikit-learn, mlxtend)
+    from evaluation.digit_quality import DigitQuality, digit_frechet  # the train extra (scikit-learn, mlxtend)
 
     return {"fd": digit_frechet(images_uint8_nhwc), "confident": DigitQuality.of(images_uint8_nhwc).confident_fraction}
 
@@ -83,7 +84,7 @@ def real_digits(n: int, seed: int) -> np.ndarray:
 
     digits, _ = mnist_arrays()
     if n > len(digits):
-        raise DDPMError(f"--n {n} exceeds the {len(digits)} real digits the noise floor is drawn from")
+        raise DDPMError(f"{{opt:n}} {n} exceeds the {len(digits)} real digits the noise floor is drawn from")
     return digits[np.random.default_rng(seed).choice(len(digits), n, replace=False)][..., None]
 
 
@@ -96,10 +97,10 @@ class Results:
             try:
                 old = json.loads(path.read_text())
             except (OSError, ValueError):
-                raise DDPMError(f"{path} is not a sweep record; pass --force to start over") from None
+                raise DDPMError(f"{path} is not a sweep record; pass {{opt:force}} to start over") from None
             if old.get("settings") != settings:
-                raise DDPMError(f"{path} holds a sweep with other settings ({old.get('settings')}); pass --force "
-                                "to start over or choose another --out-dir")
+                raise DDPMError(f"{path} holds a sweep with other settings ({old.get('settings')}); pass {{opt:force}} "
+                                "to start over or choose another {opt:out_dir}")
             self.data = old
 
     def find(self, kind: str, **key: Any) -> dict[str, Any] | None:
@@ -203,27 +204,25 @@ def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)
 @click.option("--spacing", type=click.Choice(SPACINGS), default="linspace", show_default=True,
               help="Timestep spacing of the solvers.")
 @click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads (0: library default).")
-@click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@backend_options
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("sweep"),
               show_default=True, help="Writes sweep.json (resumable record), sweep.md (table), sweep.png (plot).")
-@click.option("--force", is_flag=True, help="Start over even if --out-dir holds a sweep.")
+@force_option("Start over even if --out-dir holds a sweep.")
 def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: str, n: int, seeds: str,
-          spread_max_calls: int, spacing: str, batch_size: int | None, threads: int, provider: str, out_dir: Path,
-          force: bool) -> None:
+          spread_max_calls: int, spacing: str, batch_size: int | None, provider: str, precision: str, threads: int,
+          out_dir: Path, force: bool) -> None:
     """Sample N images per (sampler, steps) cell from MODEL and score them against real digits: a table of
     quality per model call, and a plot of it. Finished cells are kept in --out-dir; rerunning resumes."""
     from runtime.backends import open_model
-    from runtime.samplers import Chain, sample
+    from runtime.sampling import Chain, sample
 
     grid, seed_list = parse_cells(cells, samplers, steps), parse_seeds(seeds)
     if n < 2:
-        raise DDPMError(f"--n must be >= 2 for a Frechet distance, got {n}")
+        raise DDPMError(f"{{opt:n}} must be >= 2 for a Frechet distance, got {n}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend = open_model(model, provider, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads)
     if batch_size is not None and not 1 <= batch_size <= backend.batch_range[1]:
-        raise DDPMError(f"--batch-size must lie in 1..{backend.batch_range[1]} for this model, got {batch_size}")
+        raise DDPMError(f"{{opt:batch_size}} must lie in 1..{backend.batch_range[1]} for this model, got {batch_size}")
     chains = {(s, k): Chain.build(backend.info.diffusion, s, str(k), spacing=spacing if s in SOLVERS else None)
               for s, k in grid}  # every cell is checked before the first is sampled
     settings = {"model": str(model.resolve()), "ref": ref, "n": n, "seeds": seed_list, "spacing": spacing,

@@ -17,10 +17,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from runtime.errors import DDPMError, run_cli
+from runtime.cli_common import run_cli
+from runtime.errors import DDPMError
 from runtime.fileio import atomic_write, check_writable
 from runtime.images import make_grid, save_png, to_uint8
-from runtime.serve_client import ImageClient
+from runtime.serving.client import ImageClient
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,9 +2,9 @@
 
 from runtime.backends import open_model
 from runtime.errors import DDPMError
-from runtime.noise import chain_noise
-from runtime.samplers import Chain, sample
-from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule, space_timesteps
+from runtime.sampling.noise import chain_noise
+from runtime.sampling import Chain, sample
+from runtime.sampling.schedule import DiffusionConfig, Schedule, sampling_schedule, space_timesteps
 
 __all__ = ["Chain", "DDPMError", "DiffusionConfig", "Schedule", "chain_noise", "open_model", "sample",
            "sampling_schedule", "space_timesteps"]

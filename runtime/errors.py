@@ -1,10 +1,16 @@
-"""The one exception type users see, and the CLI wrapper that turns it into a single line and an exit status."""
+"""The exceptions users see. Library code words them about values and arguments; only the command layer
+(`runtime.cli_common.run_cli`) knows flag names.
+
+A message may name an argument as `{opt:name}` (e.g. "pass {opt:force} to overwrite it"): a library caller reads
+`force`, a command-line user reads the command's flag for that parameter (`--force`).
+"""
 
 from __future__ import annotations
 
-import sys
+import re
+from typing import Mapping
 
-import click
+_ARGUMENT = re.compile(r"\{opt:(\w+)\}")
 
 
 class DDPMError(Exception):
@@ -12,21 +18,14 @@ class DDPMError(Exception):
 
     exit_code = 2
 
+    def render(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message with each `{opt:name}` as `flags[name]` (a command's flag), else as the bare name."""
+        text = str(self.args[0]) if self.args else ""
+        return _ARGUMENT.sub(lambda m: (flags or {}).get(m.group(1), m.group(1)), text)
 
-def run_cli(command: click.Command, prog_name: str, argv: list[str] | None = None,
-            interrupted: str = "interrupted") -> None:
-    """Run a click command as a console script: every user error (ours or click's usage errors) is one
-    `error: ...` line on stderr and a non-zero exit status, never a traceback."""
-    try:
-        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except DDPMError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except click.Abort:
-        click.echo(f"error: {interrupted}", err=True)
-        sys.exit(130)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    def __str__(self) -> str:
+        return self.render()
+
+
+class NonFiniteError(DDPMError):
+    """A NaN or inf appeared where only finite numbers make sense (a broken model, noise file or learning rate)."""

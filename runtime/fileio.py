@@ -24,7 +24,7 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
     if path.is_dir():
         raise DDPMError(f"{path} is a directory; give a file path")
     if path.exists() and not force:
-        raise DDPMError(f"{path} already exists; pass --force to overwrite it or choose another path")
+        raise DDPMError(f"{path} already exists; pass {{opt:force}} to overwrite it or choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
@@ -85,10 +85,10 @@ def publish(tmp: str | os.PathLike, path: Path, replace: bool) -> None:
         os.link(tmp, path)  # atomic "create if absent": fails if path appeared meanwhile
     except FileExistsError:
         raise DDPMError(f"{path} appeared while this run was writing it (another run writing the same file?); "
-                        "it was kept: pass --force to overwrite or choose another path") from None
+                        "it was kept: pass {opt:force} to overwrite or choose another path") from None
     except OSError:  # no hard links on this file system: check, then rename
         if path.exists():
-            raise DDPMError(f"{path} appeared while this run was writing it; it was kept: pass --force to "
+            raise DDPMError(f"{path} appeared while this run was writing it; it was kept: pass {{opt:force}} to "
                             "overwrite or choose another path") from None
         os.replace(tmp, path)
         return

@@ -24,7 +24,7 @@ def read_folder(data_dir: Path, convert: Callable[[Image.Image], np.ndarray]) ->
     (PIL's limit, and the warning zone up to twice it) and unreadable files are refused by name."""
     files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --data-dir at a folder "
+        raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point {{opt:data_dir}} at a folder "
                         "of pictures")
     images = []
     for path in files:

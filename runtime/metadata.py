@@ -6,10 +6,12 @@ and a C++ host reads it through ONNX Runtime's ModelMetadata API. Keys are prefi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runtime.errors import DDPMError
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import DiffusionConfig
 
 FORMAT = "ddpm-deploy/model"
 FORMAT_VERSION = 1
@@ -18,6 +20,11 @@ PREFIX = "ddpm."
 # The export's file family, "model" + suffix: written by ddpm_export, found again by the runtime from any member.
 GRAPH_SUFFIXES = {("eps", "fp32"): ".onnx", ("eps", "fp16"): ".fp16.onnx", ("step", "fp32"): ".step.onnx",
                   ("step", "fp16"): ".fp16.step.onnx"}
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """model.onnx -> model.onnx.data: where a graph over 2 GB keeps its weights (ONNX external data)."""
+    return Path(str(path) + ".data")
 
 
 @dataclass(frozen=True)

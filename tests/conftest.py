@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.schedule import DiffusionConfig  # noqa: E402
+from runtime.sampling.schedule import DiffusionConfig  # noqa: E402
 from train.checkpoint import random_checkpoint, save_checkpoint  # noqa: E402
 
 

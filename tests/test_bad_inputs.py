@@ -28,9 +28,9 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from ddpm_export.cli import main as export_main  # noqa: E402
-from runtime.cli import main as run_main  # noqa: E402
+from runtime.run.cli import main as run_main  # noqa: E402
 from runtime.metadata import ModelInfo  # noqa: E402
-from runtime.schedule import DiffusionConfig  # noqa: E402
+from runtime.sampling.schedule import DiffusionConfig  # noqa: E402
 from test_cpp_host import ddpm_sample  # noqa: E402,F401  (the fixture that builds the C++ host)
 from train.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint  # noqa: E402
 from train.cli import main as train_main  # noqa: E402
@@ -203,7 +203,7 @@ OUT = "--out {tmp}/s.npz --sampler ddpm --steps 2 --threads 1"
 CASES: dict[str, Case] = {
     # ddpm-run
     "run-n-beyond-disk": R(1, "{eps} --n 10000000000 " + OUT, r"not enough disk space for 10000000000 images"),
-    "run-batch-beyond-model": R(1, "{onnx} --n 8 --batch-size 5 " + OUT, r"batch size must lie in 1\.\.4"),
+    "run-batch-beyond-model": R(1, "{onnx} --n 8 --batch-size 5 " + OUT, r"--batch-size must lie in 1\.\.4"),
     "run-batch-beyond-memory": R(1, "{bigeps} --n 100000 --batch-size 100000 " + OUT,
                                  r"a batch of 100000 images needs at least [\d.]+ TiB of memory"),
     "run-save-noise-beyond-memory": R(1, "{bigeps} --n 1000000 --save-noise {tmp}/n.npy " + OUT,
@@ -226,7 +226,7 @@ CASES: dict[str, Case] = {
     "run-noise-not-npy": R(3, "{eps} --n 2 --steps 4 --noise {tmp}/n.npy --out {tmp}/s.npz",
                            r"n\.npy is not a readable \.npy noise file", write("n.npy", b"not numpy")),
     "run-steps-beyond-T": R(3, "{eps} --n 1 --steps 5000 --out {tmp}/s.npz", r"5000"),
-    "run-eta-out-of-range": R(3, "{eps} --sampler ddim --eta 1.5 " + OUT, r"eta must lie in \[0, 1\], got 1\.5"),
+    "run-eta-out-of-range": R(3, "{eps} " + OUT + " --sampler ddim --eta 1.5", r"eta must lie in \[0, 1\], got 1\.5"),
     "run-onnx-garbage": R(3, "{tmp}/m.onnx --n 1 " + OUT, r"m\.onnx", write("m.onnx", b"\x00garbage" * 10)),
     "run-ckpt-garbage": R(3, "{tmp}/m.pt --n 1 " + OUT, r"m\.pt is not a ddpm-deploy checkpoint",
                           write("m.pt", b"garbage")),
@@ -241,7 +241,7 @@ CASES: dict[str, Case] = {
     "run-out-exists": R(4, "{eps} --n 1 " + OUT, r"s\.npz already exists; pass --force", write("s.npz")),
     "run-out-is-dir": R(4, "{eps} --n 1 --steps 2 --out {tmp}/d --force", r"d is a directory", write("d/x")),
     "run-save-noise-not-npy": R(4, "{eps} --n 1 --save-noise {tmp}/n.bin " + OUT, r"--save-noise .*\.npy extension"),
-    "run-n-zero": R(4, "{eps} --n 0 " + OUT, r"--n must be >= 1, got 0"),
+    "run-n-zero": R(4, "{eps} --n 0 " + OUT, r"0 is not in the range x>=1"),
     "run-grid-is-out": R(4, "{eps} --n 1 --grid {tmp}/s.npz " + OUT, r"must be different files"),
     "run-noise-and-save-noise": R(4, "{eps} --noise {noise} --save-noise {tmp}/n.npy " + OUT, r"exclude each other"),
     "run-steps-text": R(4, "{eps} --n 1 --steps many --out {tmp}/s.npz", r"many"),

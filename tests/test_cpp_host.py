@@ -17,9 +17,10 @@ import pytest
 
 from runtime.backends import open_model
 from runtime.images import make_grid, to_uint8
-from runtime.cli import main as ddpm_run
-from runtime.noise import chain_noise
-from runtime.samplers import Chain, HostStepper
+from runtime.run.cli import main as ddpm_run
+from runtime.sampling.noise import chain_noise
+from runtime.sampling import Chain
+from runtime.sampling.rules import UpdateStepper
 
 REPO = Path(__file__).resolve().parents[1]
 CPP = REPO / "examples" / "cpp"
@@ -74,7 +75,7 @@ def test_matches_python_runtime_with_injected_noise(ddpm_sample: Path, tiny_expo
     info = backend.info
     chain = Chain.build(info.diffusion, "ddpm")  # full chain, the variance and clipping the metadata names
     assert len(chain) == info.diffusion.num_timesteps == 1000
-    assert isinstance(backend.stepper(chain), HostStepper)  # ddpm-run on model.onnx: the NumPy loop over eps
+    assert isinstance(backend.stepper(chain), UpdateStepper)  # ddpm-run on model.onnx: the NumPy loop over eps
     # The Python side writes the noise file and its own samples in one run: `ddpm-run --save-noise`.
     noise_file, py_file = tmp_path / "noise.npy", tmp_path / "py.npz"
     ddpm_run([str(tiny_export_dir / "model.onnx"), "--n", str(N), "--seed", "7", "--sampler", "ddpm", "--precision",
@@ -112,7 +113,7 @@ def test_rgb_short_cosine_chain(ddpm_sample: Path, tmp_path_factory: pytest.Temp
     the eps graph inside it): all taken from the model's metadata."""
     from conftest import make_random_checkpoint
     from ddpm_export.pipeline import export_all
-    from runtime.schedule import DiffusionConfig
+    from runtime.sampling.schedule import DiffusionConfig
 
     d = tmp_path_factory.mktemp("cpp_rgb")
     diffusion = DiffusionConfig(schedule="cosine", num_timesteps=50, variance_type=variance)

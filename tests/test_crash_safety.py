@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.cli import main as run_main  # noqa: E402
+from runtime.run.cli import main as run_main  # noqa: E402
 from runtime.fileio import TEMP_TAG  # noqa: E402
 from test_bad_inputs import TINY, art  # noqa: E402,F401  (art: the shared one-node graphs)
 from test_cpp_host import ddpm_sample  # noqa: E402,F401
@@ -97,7 +97,7 @@ def test_killed_export_leaves_nothing_after_the_next_run(tmp_path: Path, tiny_ch
 
 def test_killed_write_of_out_leaves_nothing_after_the_next_run(art: dict[str, Path], tmp_path: Path) -> None:
     args = [art["eps"], "--n", "3", "--steps", "3", "--seed", "5", "--out"]
-    left = kill_when_stuck(tmp_path, "runtime.cli:main", "s.npz", *args, tmp_path / "s.npz")
+    left = kill_when_stuck(tmp_path, "runtime.run.cli:main", "s.npz", *args, tmp_path / "s.npz")
     assert (tmp_path / "s.npz.partial").is_dir() and any(p.name.startswith(".s.npz" + TEMP_TAG) for p in left)
     run_main([*map(str, args), str(tmp_path / "s.npz")])
     run_main([*map(str, args), str(tmp_path / "ref.npz")])
@@ -126,7 +126,7 @@ def test_cpp_host_clears_temps_of_dead_runs_and_keeps_the_rest(ddpm_sample: Path
 def test_two_runs_writing_the_same_out_one_wins(art: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "s.npz"
-    cmd = [sys.executable, "-c", "import sys; from runtime.cli import main; main(sys.argv[1:])", str(art["eps"]),
+    cmd = [sys.executable, "-c", "import sys; from runtime.run.cli import main; main(sys.argv[1:])", str(art["eps"]),
            "--n", "4000", "--steps", "8", "--batch-size", "50", "--threads", "1", "--out", str(out)]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

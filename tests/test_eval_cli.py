@@ -10,8 +10,8 @@ import pytest
 
 from runtime.errors import DDPMError
 from evaluation.cli import main
-from runtime.likelihood import dataset_bits_per_dim
-from runtime.schedule import DiffusionConfig, sampling_schedule
+from evaluation.likelihood import dataset_bits_per_dim
+from runtime.sampling.schedule import DiffusionConfig, sampling_schedule
 
 torch = pytest.importorskip("torch")
 
@@ -127,7 +127,7 @@ def test_nll_refuses_images_of_another_shape(small_ckpt, tmp_path, capsys):
 
 def test_quality_mnist_scores_real_digits_as_real(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from train.quality import held_out_real
+    from evaluation.digit_quality import held_out_real
 
     real = np.pad(held_out_real()[0], ((0, 0), (2, 2), (2, 2), (0, 0)))  # the 32 x 32 layout of samples
     samples = tmp_path / "real.npz"
@@ -145,7 +145,7 @@ def test_quality_mnist_scores_real_digits_as_real(tmp_path, capsys):
 
 def test_fid_runs_with_a_random_weights_file(tmp_path, capsys):
     """The FID code path end to end, with random Inception weights (the real file is never downloaded here)."""
-    from train.inception import FIDInception
+    from evaluation.inception import FIDInception
 
     weights = tmp_path / "random_inception.pth"
     torch.set_num_threads(1)  # several threads on a busy 2-core machine are many times slower
@@ -166,7 +166,7 @@ def test_fid_runs_with_a_random_weights_file(tmp_path, capsys):
 
 def test_frechet_distance_matches_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
-    from runtime.frechet import frechet_distance
+    from evaluation.frechet import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 6))
@@ -195,8 +195,8 @@ def test_interpolation_strip_is_deterministic(small_ckpt, data_npz, tmp_path, ca
 def test_interpolation_ends_decode_their_own_latents(small_ckpt):
     """lambda = 0 and 1 decode the two encoded images; a mix sits between; t = 0 returns nearly the data."""
     from runtime.backends import open_model
-    from runtime.figures import interpolate
-    from runtime.samplers import Chain
+    from evaluation.interpolation import interpolate
+    from runtime.sampling import Chain
 
     backend = open_model(small_ckpt, threads=1)
     chain = Chain.build(backend.info.diffusion)
@@ -210,7 +210,7 @@ def test_interpolation_ends_decode_their_own_latents(small_ckpt):
     ends = interpolate(backend, chain, a, b, 0, np.array([0.0, 1.0]), seed=0)  # one step from x_0's neighbourhood
     assert np.abs(ends[0] - a).max() < 0.5 and np.abs(ends[1] - b).max() < 0.5
     assert np.abs(ends[0] - b).max() > 0.5
-    with pytest.raises(DDPMError, match="--t must lie"):
+    with pytest.raises(DDPMError, match="t must lie"):
         interpolate(backend, chain, a, b, -1, np.linspace(0, 1, 3), seed=0)
 
 

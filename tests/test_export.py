@@ -20,8 +20,8 @@ from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import failures, validate_export
 from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
-from runtime.schedule import DiffusionConfig, Schedule
-from runtime.steps import DDPMCoefficients, ddpm_step
+from runtime.sampling.schedule import DiffusionConfig, Schedule
+from runtime.sampling.steps import DDPMCoefficients, ddpm_step
 from train.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
 
 
@@ -253,7 +253,7 @@ def test_large_models_are_saved_with_external_data(tiny_export_dir: Path, tmp_pa
 
 def test_existing_outputs_are_never_half_overwritten(tiny_checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "model.step.onnx").write_bytes(b"keep me")
-    with pytest.raises(DDPMError, match="--force"):
+    with pytest.raises(DDPMError, match="pass force to overwrite"):
         export_all(tiny_checkpoint, tmp_path, max_batch=2, engine=False)
     assert (tmp_path / "model.step.onnx").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.step.onnx"]

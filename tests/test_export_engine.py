@@ -171,7 +171,7 @@ def test_build_writes_plan_and_sidecar(fake_gpu: _Recorder, tiny_export_dir: Pat
     # the timing cache is saved and fed to the next build; existing plans need force
     cache = engine.timing_cache_path(plan)
     assert cache.read_bytes() == b"cache:"
-    with pytest.raises(DDPMError, match="--force"):
+    with pytest.raises(DDPMError, match="pass force to overwrite"):
         engine.build_engine(onnx_path, plan, (1, 2, 4))
     engine.build_engine(onnx_path, plan, (1, 2, 4), force=True)
     assert ("timing_cache_in", b"cache:") in fake_gpu.calls

@@ -83,8 +83,8 @@ def test_onnx_whose_metadata_lies_about_the_image_is_refused(tiny_export_dir: Pa
 def test_export_refusals_leave_no_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from ddpm_export.pipeline import export_all
 
-    with pytest.raises(DDPMError, match="--opset 99 is out of range"):
+    with pytest.raises(DDPMError, match="opset 99 is out of range"):
         export_all(tiny_checkpoint, tmp_path / "a", opset=99)
-    with pytest.raises(DDPMError, match=r"validating --max-batch 100000000 needs at least [0-9.]+ TiB of memory, [0-9.]+ GiB is available"):
+    with pytest.raises(DDPMError, match=r"validating max_batch 100000000 needs at least [0-9.]+ TiB of memory, [0-9.]+ GiB is available"):
         export_all(tiny_checkpoint, tmp_path / "b", max_batch=100_000_000)
     assert list(tmp_path.iterdir()) == []

@@ -12,9 +12,9 @@ import pytest
 from conftest import make_random_checkpoint
 from runtime.backends import open_model
 from runtime.errors import DDPMError
-from runtime.samplers import Chain, sample
-from runtime.schedule import DiffusionConfig
-from runtime.steps import DDPMCoefficients, ddpm_step, split_output
+from runtime.sampling import Chain, sample
+from runtime.sampling.schedule import DiffusionConfig
+from runtime.sampling.steps import DDPMCoefficients, ddpm_step, split_output
 
 COSINE_LEARNED = DiffusionConfig(schedule="cosine", num_timesteps=50, variance_type="learned_range")
 
@@ -29,7 +29,8 @@ def test_v_at_the_ends_gives_the_fixed_variances(steps: str | None) -> None:
         ref = Chain.build(COSINE_LEARNED, "ddpm", steps, variance_type=fixed)
         out = np.concatenate([eps, np.full_like(eps, v)], axis=1)
         for k in range(len(learned)):
-            np.testing.assert_allclose(learned.update(k, x, out, z), ref.update(k, x, eps, z), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(learned.rule.update(learned, k, x, out, z), ref.rule.update(ref, k, x, eps, z),
+                                       rtol=0, atol=1e-12)
 
 
 def test_v_interpolates_log_variance() -> None:
@@ -58,7 +59,7 @@ def test_split_output_and_refusals() -> None:
         Chain.build(DiffusionConfig(), variance_type="learned_range")
     chain = Chain.build(COSINE_LEARNED, "ddpm", "5")
     with pytest.raises(DDPMError, match="needs the model's v output"):
-        chain.update(1, np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+        chain.rule.update(chain, 1, np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The bits/dim math of runtime.likelihood: each piece against an independent computation, the loop on an oracle."""
+"""The bits/dim math of evaluation.likelihood: each piece against an independent computation, the loop on an oracle."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.likelihood import (BitsPerDim, approx_standard_normal_cdf, bits_per_dim,
+from evaluation.likelihood import (BitsPerDim, approx_standard_normal_cdf, bits_per_dim,
                                 discretized_gaussian_log_likelihood, normal_kl, prior_bpd)
-from runtime.noise import SeededNoise
-from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule
+from runtime.sampling.noise import SeededNoise
+from runtime.sampling.schedule import DiffusionConfig, Schedule, sampling_schedule
 
 LEVELS = np.arange(256) / 127.5 - 1.0
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from runtime.errors import DDPMError
-from runtime.noise import MAX_NOISE_THREADS, PrefetchedNoise, SeededNoise, chain_noise, noise_threads
-from runtime.samplers import Chain, HostStepper, run_chain, sample
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.noise import MAX_NOISE_THREADS, PrefetchedNoise, SeededNoise, chain_noise, noise_threads
+from runtime.sampling import Chain, run_chain, sample
+from runtime.sampling.schedule import DiffusionConfig
 
 SHAPE = (1, 8, 8)
 
@@ -21,7 +21,7 @@ def eps_fn(x: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", "20"), ("ddim", "ddim10")])
 def test_overlap_gives_bit_identical_samples(sampler: str, steps: str) -> None:
-    chain = Chain.build(DiffusionConfig(), sampler, steps, eta=0.5 if sampler == "ddim" else 0.0)
+    chain = Chain.build(DiffusionConfig(), sampler, steps, eta=0.5 if sampler == "ddim" else None)
     serial = sample(eps_fn, chain, 5, image_shape=SHAPE, seed=3, batch_size=2, overlap_noise=False)
     overlapped = sample(eps_fn, chain, 5, image_shape=SHAPE, seed=3, batch_size=2, overlap_noise=True)
     assert serial.std() > 0.1
@@ -39,7 +39,7 @@ def test_draws_run_on_a_worker_thread() -> None:
             return super().draw()
 
     chain = Chain.build(DiffusionConfig(), "ddpm", "5")
-    run_chain(HostStepper(eps_fn, chain), chain, Recording(0, 0, 2, SHAPE))
+    run_chain(chain.stepper(eps_fn), chain, Recording(0, 0, 2, SHAPE))
     assert len(seen) == len(chain) + 1 and all(name.startswith("ddpm-noise") for name in seen)
 
 
@@ -55,7 +55,7 @@ def test_worker_failure_is_a_clean_error_not_a_hang() -> None:
 
     chain = Chain.build(DiffusionConfig(), "ddpm", "10")
     with pytest.raises(DDPMError, match=r"drawing noise failed \(MemoryError: no room for the noise\)"):
-        run_chain(HostStepper(eps_fn, chain), chain, Failing(0, 0, 2, SHAPE))
+        run_chain(chain.stepper(eps_fn), chain, Failing(0, 0, 2, SHAPE))
     assert not [t for t in threading.enumerate() if t.name.startswith("ddpm-noise")]  # no thread left behind
 
 
@@ -94,4 +94,4 @@ def test_a_failure_in_a_split_draw_is_a_clean_error() -> None:
     source.rngs[3] = Broken()  # type: ignore[assignment]
     chain = Chain.build(DiffusionConfig(), "ddpm", "5")
     with pytest.raises(DDPMError, match=r"drawing noise failed \(RuntimeError: generator state lost\)"):
-        run_chain(HostStepper(eps_fn, chain), chain, source)
+        run_chain(chain.stepper(eps_fn), chain, source)

@@ -14,8 +14,8 @@ from runtime.backends import open_model, tensorrt_backend
 from runtime.engine_info import EngineInfo, sidecar_path
 from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo
-from runtime.samplers import Chain, sample
-from runtime.schedule import DiffusionConfig
+from runtime.sampling import Chain, sample
+from runtime.sampling.schedule import DiffusionConfig
 
 INFO = ModelInfo(diffusion=DiffusionConfig(), image_shape=(1, 32, 32), precision="fp16")
 
@@ -172,7 +172,7 @@ def test_cuda_fp16_eps_graph_is_the_default_for_other_chains(tiny_export_dir):
 
 
 def test_cli_reports_an_engine_problem_in_one_line(plan, tmp_path, capsys):
-    from runtime.cli import main
+    from runtime.run.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main([str(plan), "--out", str(tmp_path / "s.npz")])

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.cli import main
-from runtime.noise import chain_noise
+from runtime.run.cli import main
+from runtime.sampling.noise import chain_noise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,13 +122,13 @@ def test_onnx_without_ddpm_metadata(tiny_export_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--n", "0"], "--n must be >= 1"),
-    (["--n", "-3"], "--n must be >= 1"),
+    (["--n", "0"], "0 is not in the range x>=1"),
+    (["--n", "-3"], "-3 is not in the range x>=1"),
     (["--sampler", "ddpm", "--steps", "ddim999"], "cannot take exactly 999"),
     (["--steps", "1001"], "cannot take 1001 steps"),
     (["--sampler", "ddpm", "--steps", "10,x"], "bad spacing"),
     (["--steps", "ddim50"], "ddimK and section counts respace --sampler ddpm or ddim"),
-    (["--batch-size", "5"], "batch size must lie in 1..4"),
+    (["--batch-size", "5"], "--batch-size must lie in 1..4"),
     (["--sampler", "euler"], "'euler' is not one of"),
     (["--eta", "2", "--sampler", "ddim"], "eta must lie in"),
     (["--provider", "cuda"], None),  # this machine's onnxruntime has no CUDA provider
@@ -192,7 +192,7 @@ sys.meta_path.insert(0, Blocker())
 import runtime
 for mod in pkgutil.walk_packages(runtime.__path__, "runtime."):
     importlib.import_module(mod.name)
-from runtime.cli import main
+from runtime.run.cli import main
 main(sys.argv[1:])
 """
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import DDPMError
-from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule, space_timesteps
+from runtime.sampling.schedule import DiffusionConfig, Schedule, sampling_schedule, space_timesteps
 
 
 def loop_tables(betas: list[float]) -> dict[str, list[float]]:

@@ -1,5 +1,5 @@
 """`ddpm-serve` on Triton (PyTriton), loopback only: exact images under concurrent load, batching, bad requests,
-clean shutdown. The request handling itself (`runtime.serve.Sampler`) is also checked without Triton."""
+clean shutdown. The request handling itself (`runtime.serving.sampler.Sampler`) is also checked without Triton."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from runtime.backends import open_model
-from runtime.cli import main as ddpm_run
+from runtime.run.cli import main as ddpm_run
 from runtime.errors import DDPMError
-from runtime.samplers import Chain, sample
-from runtime.serve import Sampler
-from runtime.serve_bench import free_ports
+from runtime.sampling import Chain, sample
+from runtime.serving.sampler import Sampler
+from benchmarks.serving import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -86,12 +86,12 @@ def port_free(port: int) -> bool:
 def server(tiny_export_dir, tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
-    from runtime.serve_client import ImageClient
+    from runtime.serving.client import ImageClient
 
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # A long queue delay makes the concurrent test's requests meet in one model batch.
-    cmd = [sys.executable, "-m", "runtime.serve", str(tiny_export_dir / "model.onnx"), "--http-port", str(http),
+    cmd = [sys.executable, "-m", "runtime.serving.cli", str(tiny_export_dir / "model.onnx"), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--steps", str(STEPS), "--max-batch",
            str(MAX_BATCH), "--queue-delay-us", "300000", "--threads", "1"]
     with open(log, "w") as f:
@@ -110,7 +110,7 @@ def server(tiny_export_dir, tmp_path_factory):
 
 
 def client(server, protocol: str = "http"):
-    from runtime.serve_client import ImageClient
+    from runtime.serving.client import ImageClient
 
     return ImageClient(f"127.0.0.1:{server[protocol]}", protocol)
 
@@ -217,7 +217,7 @@ def _tritonservers_on(port: int) -> list[str]:
 
 def test_missing_extra_is_one_line_error(tiny_export_dir, monkeypatch, capsys):
     """Without PyTriton, ddpm-serve says which extra to install (checked by hiding the module)."""
-    from runtime.serve import main
+    from runtime.serving.cli import main
 
     monkeypatch.setitem(sys.modules, "pytriton", None)
     monkeypatch.setitem(sys.modules, "pytriton.triton", None)
@@ -229,7 +229,7 @@ def test_missing_extra_is_one_line_error(tiny_export_dir, monkeypatch, capsys):
 
 def test_busy_port_is_one_line_error(tiny_export_dir, capsys):
     """A port already in use is refused before Triton starts (Triton would exit and leave PyTriton waiting)."""
-    from runtime.serve import main
+    from runtime.serving.cli import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

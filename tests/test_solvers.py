@@ -9,12 +9,12 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
-from runtime.cli import main
+from runtime.run.cli import main
 from runtime.errors import DDPMError
-from runtime.noise import chain_noise
-from runtime.samplers import Chain, HostStepper, sample
-from runtime.schedule import DiffusionConfig, Schedule, solver_timesteps
-from runtime.solvers import SOLVERS
+from runtime.sampling.noise import chain_noise
+from runtime.sampling import Chain, sample
+from runtime.sampling.schedule import DiffusionConfig, Schedule, solver_timesteps
+from runtime.sampling import SOLVERS
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -43,7 +43,7 @@ def our_chain(sampler: str, steps: int, spacing: str, eps: EpsFn, noise: np.ndar
         -> list[np.ndarray]:
     """x after every step of our chain, walked with the runtime's host stepper."""
     chain = Chain.build(CONFIG, sampler, steps, spacing=spacing, clip_denoised=clip)
-    stepper = HostStepper(eps, chain)
+    stepper = chain.stepper(eps)
     state, out = stepper.start(noise[0]), []
     for j, k in enumerate(reversed(range(len(chain)))):
         state = stepper.step(state, k, np.full(len(noise[0]), chain.schedule.timesteps[k]), noise[j + 1])

@@ -21,9 +21,9 @@ from diffusers.schedulers import scheduling_ddpm  # noqa: E402
 
 from ddpm_export.pipeline import export_all  # noqa: E402
 from runtime.backends import open_model  # noqa: E402
-from runtime.cli import main as ddpm_run  # noqa: E402
+from runtime.run.cli import main as ddpm_run  # noqa: E402
 from runtime.errors import DDPMError  # noqa: E402
-from runtime.schedule import DiffusionConfig  # noqa: E402
+from runtime.sampling.schedule import DiffusionConfig  # noqa: E402
 from train.checkpoint import random_checkpoint  # noqa: E402
 from train.diffusers_map import (from_diffusers, from_diffusers_config, from_diffusers_state_dict,  # noqa: E402
                                  to_diffusers, to_diffusers_config, to_diffusers_state_dict)
@@ -292,7 +292,7 @@ def test_bare_unet_folder_with_scheduler_config_and_bin_weights(tiny_pipeline, t
 def test_scheduler_betas_are_diffusers_betas():
     """diffusers' linear betas are not scaled by 1000 / T (ours are): the mapping makes them equal; its
     squaredcos_cap_v2 is our cosine."""
-    from runtime.schedule import make_betas
+    from runtime.sampling.schedule import make_betas
     from train.sources.diffusers_source import diffusion_from_scheduler
 
     for T, schedule in ((1000, "linear"), (4000, "linear"), (250, "linear"), (4000, "squaredcos_cap_v2")):

@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from runtime.errors import DDPMError  # noqa: E402
-from runtime.schedule import Schedule, sampling_schedule  # noqa: E402
-from runtime.steps import DDPMCoefficients, ddpm_step  # noqa: E402
+from runtime.sampling.schedule import Schedule, sampling_schedule  # noqa: E402
+from runtime.sampling.steps import DDPMCoefficients, ddpm_step  # noqa: E402
 from train.improved_unet import ImprovedUNet  # noqa: E402
 from train.sources import load_source  # noqa: E402
 from train.sources.improved_diffusion_source import diffusion_config, load, parse_flags, unet_config  # noqa: E402
@@ -101,7 +101,7 @@ def test_learned_variance_step_matches_their_p_mean_variance() -> None:
 
 def test_chain_on_eager_module_matches_their_p_sample_loop(checkpoint: Path) -> None:
     from runtime.backends import open_model
-    from runtime.samplers import Chain, sample
+    from runtime.sampling import Chain, sample
 
     model = open_model(checkpoint, flags=FLAGS)
     chain = Chain.build(model.info.diffusion, "ddpm", steps=str(GOLDEN["chain_spacing"]))
@@ -113,7 +113,7 @@ def test_chain_on_eager_module_matches_their_p_sample_loop(checkpoint: Path) -> 
 def test_chain_through_onnxruntime_matches_their_p_sample_loop(checkpoint: Path, tmp_path: Path) -> None:
     from ddpm_export.pipeline import export_all
     from runtime.backends import open_model
-    from runtime.samplers import Chain, sample
+    from runtime.sampling import Chain, sample
 
     written = export_all(load(checkpoint, FLAGS), tmp_path / "export", fp16=False, step_graph=False, max_batch=3,
                          validate=False, engine=False)

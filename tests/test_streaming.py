@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runtime.cli import main
+from runtime.run.cli import main
 from runtime.metadata import ModelInfo
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import DiffusionConfig
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -28,7 +28,7 @@ from onnx import TensorProto, helper  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 32, 32)
 # Runs ddpm-run in a child and prints its peak RSS (KiB) last; the exit status is ddpm-run's.
-RSS_RUNNER = ("import resource, sys\nfrom runtime.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+RSS_RUNNER = ("import resource, sys\nfrom runtime.run.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
               "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
 
 
@@ -124,7 +124,7 @@ def fail(capsys: pytest.CaptureFixture[str], *args: object) -> str:
 
 
 def test_a_run_that_cannot_fit_the_disk_is_refused_before_sampling(cheap, tmp_path, capsys, monkeypatch):
-    import runtime.streaming as streaming
+    import runtime.run.store as streaming
 
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=1_000_000))
     message = fail(capsys, cheap, "--n", 1000, "--out", tmp_path / "s.npz")
@@ -147,9 +147,9 @@ def test_a_partial_run_of_other_settings_needs_force(cheap, tmp_path, capsys):
 def test_progressive_figure_is_the_run_and_deterministic(tiny_checkpoint, tmp_path):
     """Fig. 6: the last column is the predicted x_0 at t = 0, i.e. the run's own final samples."""
     from runtime.backends import open_model
-    from runtime.figures import progressive
-    from runtime.noise import SeededNoise
-    from runtime.samplers import Chain, sample
+    from runtime.run.progressive import progressive
+    from runtime.sampling.noise import SeededNoise
+    from runtime.sampling import Chain, sample
 
     backend = open_model(tiny_checkpoint, threads=1)
     chain = Chain.build(backend.info.diffusion, "ddpm", "20")

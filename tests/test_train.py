@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from runtime.errors import DDPMError  # noqa: E402
-from runtime.noise import chain_noise  # noqa: E402
-from runtime.schedule import DiffusionConfig, Schedule, sampling_schedule  # noqa: E402
+from runtime.sampling.noise import chain_noise  # noqa: E402
+from runtime.sampling.schedule import DiffusionConfig, Schedule, sampling_schedule  # noqa: E402
 from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from train.data import Dataset, load_dataset, load_mnist, mnist_arrays, mnist_split, pad_to  # noqa: E402
 from train.model import preset_config, preset_image_size  # noqa: E402
@@ -87,7 +87,7 @@ def test_lr_schedules() -> None:
     assert [lr("cosine", s, 110) for s in (10, 60, 110)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
     assert lr("cosine", 35, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr("cosine", 60, None) == 1.0  # no horizon known (a bare train_step): no decay
-    with pytest.raises(DDPMError, match="--lr-schedule"):
+    with pytest.raises(DDPMError, match="lr_schedule must be one of"):
         TrainConfig(lr_schedule="step")
 
 
@@ -242,7 +242,7 @@ def test_sample_model_draws_the_runtime_noise(tiny_checkpoint: Path) -> None:
 
 def test_digit_quality_separates_digits_from_junk() -> None:
     pytest.importorskip("sklearn")
-    from train.quality import DigitQuality, classify, held_out_real
+    from evaluation.digit_quality import DigitQuality, classify, held_out_real
 
     real, labels = held_out_real()
     predicted, _ = classify(np.pad(real, ((0, 0), (2, 2), (2, 2), (0, 0))))  # as 32 x 32 samples

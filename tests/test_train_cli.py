@@ -107,7 +107,7 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
 def test_preview_is_what_ddpm_run_samples_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 
-    from runtime.cli import main as ddpm_run
+    from runtime.run.cli import main as ddpm_run
 
     out = tmp_path / "ckpt.pt"
     code, err = run(TINY + ["--steps", 12, "--seed", 4, "--sample-steps", 3, "--out", out], capsys)
@@ -121,7 +121,7 @@ def test_preview_is_what_ddpm_run_samples_from_the_checkpoint(tmp_path: Path, ca
     assert np.array_equal(preview, np.asarray(Image.open(tmp_path / "run.png")))
 
 
-@pytest.mark.parametrize("module", ["train.cli", "runtime.cli", "ddpm_export.cli", "evaluation.cli", "runtime.serve"])
+@pytest.mark.parametrize("module", ["train.cli", "runtime.run.cli", "ddpm_export.cli", "evaluation.cli", "runtime.serving.cli"])
 def test_every_cli_states_its_defaults_and_version(module: str) -> None:
     import importlib
 

@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 
 from ddpm_export.cli import main as export_main
-from ddpm_export.triton_repo import eps_config, pbtxt, write_repository
+from runtime.serving.triton_repo import eps_config, pbtxt, write_repository
 from runtime.backends import open_model
 from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo
-from runtime.samplers import DEFAULT_SAMPLER, Chain, sample
-from runtime.schedule import DiffusionConfig
+from runtime.sampling import DEFAULT_SAMPLER, Chain, sample
+from runtime.sampling.schedule import DiffusionConfig
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="needs tritonclient (the serve extra)")
@@ -57,7 +57,7 @@ def test_configs_parse_with_triton_schema_and_say_what_the_export_is(repo, tiny_
     assert loop.parameters["default_steps"].string_value == "8"
     assert loop.parameters["default_eta"].string_value == ""  # ddim's own default, 0
     assert (repo / "ddpm_eps" / "1" / "model.onnx").read_bytes() == (tiny_export_dir / "model.onnx").read_bytes()
-    assert (repo / "ddpm" / "1" / "runtime" / "samplers.py").is_file()
+    assert (repo / "ddpm" / "1" / "runtime" / "sampling" / "loop.py").is_file()
     info = ModelInfo.from_metadata(json.loads((repo / "ddpm" / "1" / "model_info.json").read_text()), "repo")
     assert info == open_model(tiny_export_dir / "model.onnx").info
 
@@ -219,7 +219,7 @@ def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
     import pytriton
     from pytriton.utils.distribution import get_libs_path
 
-    from runtime.serve_client import ImageClient
+    from runtime.serving.client import ImageClient
 
     repo = tmp_path / "repo"
     write_repository(tiny_export_dir, repo, kind="cpu", steps="8", sampler_instances=2)

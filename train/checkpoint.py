@@ -22,7 +22,7 @@ import torch
 
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import DiffusionConfig
 from train.model import ModelConfig, UNet, preset_config
 
 FORMAT = "ddpm-deploy/checkpoint"

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from runtime.errors import DDPMError, run_cli
+from runtime.cli_common import CONTEXT, COUNT, FINITE, force_option, require_suffix, run_cli, seed_option
+from runtime.errors import DDPMError, NonFiniteError
 from runtime.fileio import check_writable
 from runtime.resources import human, require_memory
-from runtime.validation import FINITE, SEED, NonFiniteError, require_suffix
-from runtime.schedule import DiffusionConfig, sampling_schedule
+from runtime.sampling.schedule import DiffusionConfig, sampling_schedule
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import DATASETS, load_dataset, pad_to
 from train.model import PRESETS, ModelConfig, count_parameters, preset_config, preset_image_size
@@ -92,7 +92,7 @@ class SpeedProbe:
                        "min at this pace", file=sys.stderr)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-train")
 @click.option("--dataset", default="mnist", show_default=True, help=f"One of {', '.join(DATASETS)}.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Folder of CIFAR-10 batches or of images "
@@ -109,19 +109,18 @@ class SpeedProbe:
               help="EMA decay per step (warmed up as min(decay, (1+step)/(10+step))).")
 @click.option("--warmup", type=int, default=DEFAULTS.warmup, show_default=True,
               help="Linear lr warm-up, in steps.")
-@click.option("--seed", type=SEED, default=DEFAULTS.seed, show_default=True,
-              help="Seeds the weights, every training draw and the preview noise.")
-@click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
+@seed_option("Seeds the weights, every training draw and the preview noise.", default=DEFAULTS.seed)
+@click.option("--sample-every", type=COUNT, default=0, show_default=True,
               help="Also write the preview grid every K steps (0: only at the end).")
 @click.option("--sample-steps", default="100", show_default=True,
               help="Sampling steps of the 64-image preview grid (respaced ancestral DDPM; 1000 = the full chain).")
 @click.option("--preview/--no-preview", default=True, show_default=True,
               help="Write the preview grid at the end (--no-preview: sample the checkpoint later with ddpm-run).")
-@click.option("--save-every", type=click.IntRange(min=0), default=1000, show_default=True,
+@click.option("--save-every", type=COUNT, default=1000, show_default=True,
               help="Checkpoint every K steps (0: only at the end).")
 @click.option("--resume", is_flag=True, help="Continue the run stored in --out (same loss sequence).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N  [default: CUDA if available, else cpu]")
-@click.option("--force", is_flag=True, help="Overwrite an existing --out and its preview grid.")
+@force_option("Overwrite an existing --out and its preview grid.")
 @click.pass_context
 def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, preset: str, steps: int, batch_size: int,
                   out: Path, lr: float, lr_schedule: str, ema_decay: float, warmup: int, seed: int,

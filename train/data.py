@@ -185,7 +185,7 @@ def load_cifar10(data_dir: Path) -> Dataset:
     batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
     missing = [b.name for b in batches if not b.is_file()]
     if missing:
-        raise DDPMError(f"{data_dir} lacks {', '.join(missing)}; point --data-dir at the extracted "
+        raise DDPMError(f"{data_dir} lacks {', '.join(missing)}; point {{opt:data_dir}} at the extracted "
                         "cifar-10-batches-py folder")
     arrays, labels = [], []
     for path in batches:
@@ -226,9 +226,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if name == "mnist":
         return load_mnist()
     if data_dir is None:
-        raise DDPMError(f"dataset {name} needs --data-dir PATH")
+        raise DDPMError(f"dataset {name} needs {{opt:data_dir}} PATH")
     path = Path(data_dir)
     if not path.is_dir():
-        raise DDPMError(f"data directory {path} does not exist or is not a folder; pass an existing --data-dir")
+        raise DDPMError(f"data directory {path} does not exist or is not a folder; pass an existing {{opt:data_dir}}")
     return load_cifar10(path) if name == "cifar10" else load_folder(path)
 

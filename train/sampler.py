@@ -1,6 +1,6 @@
 """The eager reference sampler (torch): ancestral DDPM with the runtime's own tables and step formula.
 
-Noise convention (the runtime's, `runtime.noise`): noise[0] is x_T, noise[1 + j] is the noise of the j-th step taken,
+Noise convention (the runtime's, `runtime.sampling.noise`): noise[0] is x_T, noise[1 + j] is the noise of the j-th step taken,
 counting from the first (t = T-1) step; the last step's noise is drawn too and multiplied by a zero scale.
 `sample_model` (the training preview, digit_quality.py) runs the runtime's own loop, so its samples at seed s are
 exactly `ddpm-run ckpt.pt --seed s` with the same steps.
@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from runtime.errors import DDPMError
 from runtime.images import save_grid
-from runtime.noise import SeededNoise
-from runtime.samplers import Chain
-from runtime.samplers import sample as runtime_sample
-from runtime.schedule import DiffusionConfig, Schedule
-from runtime.steps import Clip, DDPMCoefficients, ddpm_step, split_output
+from runtime.sampling.noise import SeededNoise
+from runtime.sampling import Chain
+from runtime.sampling import sample as runtime_sample
+from runtime.sampling.schedule import DiffusionConfig, Schedule, is_learned
+from runtime.sampling.steps import Clip, DDPMCoefficients, ddpm_step, split_output
 
 # noise(i, shape) -> tensor; i = 0 for x_T, 1 + j for step j
 NoiseFn = Callable[[int, tuple[int, ...]], Union[torch.Tensor, np.ndarray]]
@@ -59,7 +59,7 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
         t = torch.full((shape[0],), int(schedule.timesteps[k]), dtype=torch.long, device=device)
         eps, v = split_output(model(x, t), shape[1])
         z = torch.as_tensor(draw(1 + j, tuple(shape)), dtype=torch.float32).to(device)
-        x = ddpm_step(x, eps, z, coeffs.row(k), clip_denoised, v if variance_type == "learned_range" else None)
+        x = ddpm_step(x, eps, z, coeffs.row(k), clip_denoised, v if is_learned(variance_type) else None)
     return x
 
 

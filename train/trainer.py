@@ -19,9 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from runtime.errors import DDPMError
-from runtime.schedule import DiffusionConfig, Schedule
-from runtime.steps import q_sample
-from runtime.validation import NonFiniteError
+from runtime.sampling.schedule import DiffusionConfig, Schedule
+from runtime.sampling.steps import q_sample
+from runtime.errors import NonFiniteError
 from train.checkpoint import Checkpoint
 from train.data import Dataset
 from train.model import ModelConfig, UNet
@@ -44,15 +44,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise DDPMError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise DDPMError(f"{{opt:batch_size}} must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
-            raise DDPMError(f"--lr must be > 0, got {self.lr}")
+            raise DDPMError(f"{{opt:lr}} must be > 0, got {self.lr}")
         if self.warmup < 0:
-            raise DDPMError(f"--warmup must be >= 0, got {self.warmup}")
+            raise DDPMError(f"{{opt:warmup}} must be >= 0, got {self.warmup}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise DDPMError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            raise DDPMError(f"{{opt:lr_schedule}} must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise DDPMError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+            raise DDPMError(f"{{opt:ema_decay}} must be in [0, 1), got {self.ema_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +96,7 @@ def pick_device(requested: str | None, dist_info: DistInfo) -> torch.device:
         except RuntimeError:
             raise DDPMError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise DDPMError(f"--device {requested} asked for CUDA but no CUDA GPU is visible; use --device cpu")
+            raise DDPMError(f"{{opt:device}} {requested} asked for CUDA but no CUDA GPU is visible; use {{opt:device}} cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", dist_info.local_rank if dist_info.world_size > 1 else 0)
@@ -110,7 +110,7 @@ class Trainer:
                  config: TrainConfig, device: torch.device | str = "cpu", dist_info: DistInfo | None = None):
         self.dist = dist_info or DistInfo()
         if config.batch_size % self.dist.world_size:
-            raise DDPMError(f"--batch-size {config.batch_size} must be divisible by the {self.dist.world_size} ranks")
+            raise DDPMError(f"{{opt:batch_size}} {config.batch_size} must be divisible by the {self.dist.world_size} ranks")
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, config
         self.dataset = dataset
         self.device = torch.device(device)
@@ -181,7 +181,7 @@ class Trainer:
             value /= self.dist.world_size
         if not math.isfinite(float(value)):  # every rank sees the reduced value, so all stop together
             raise NonFiniteError(f"the training loss became {float(value)} at step {self.step}: the run diverged "
-                                 "(--lr too high?)")
+                                 "({opt:lr} too high?)")
         return float(value)
 
     @torch.no_grad()
@@ -217,7 +217,7 @@ class Trainer:
         for name, module in (("weights", self.model), ("EMA weights", self.ema)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 raise NonFiniteError(f"the {name} hold NaN or inf at step {self.step}: the run diverged "
-                                     "(--lr too high?)")
+                                     "({opt:lr} too high?)")
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
                "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
         return Checkpoint(
@@ -231,10 +231,10 @@ class Trainer:
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from `ckpt` exactly: weights, EMA, Adam moments, step and both RNG streams."""
         if ckpt.model_config != self.model_config or ckpt.diffusion_config != self.diffusion_config:
-            raise DDPMError("the --resume checkpoint has a different model or schedule than asked for; drop "
-                            "--preset or resume with the checkpoint's own settings")
+            raise DDPMError("the {opt:resume} checkpoint has a different model or schedule than asked for; drop "
+                            "{opt:preset} or resume with the checkpoint's own settings")
         if ckpt.optimizer is None or "generator" not in ckpt.rng or "torch" not in ckpt.rng:
-            raise DDPMError("the --resume checkpoint holds no optimizer or RNG state (is it an export-only file?); "
+            raise DDPMError("the {opt:resume} checkpoint holds no optimizer or RNG state (is it an export-only file?); "
                             "resume from a checkpoint written by ddpm-train")
         try:
             self.model.load_state_dict(ckpt.model)
@@ -246,7 +246,7 @@ class Trainer:
                 torch.cuda.set_rng_state_all(ckpt.rng["cuda"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-            raise DDPMError(f"the --resume checkpoint does not fit this model ({first}); "
+            raise DDPMError(f"the {{opt:resume}} checkpoint does not fit this model ({first}); "
                             "resume with the settings it was trained with") from None
         self.step = ckpt.step
 

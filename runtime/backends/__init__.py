@@ -15,9 +15,10 @@ import numpy as np
 
 from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo
-from runtime.samplers import Chain, HostStepper, Stepper
+from runtime.sampling import Chain, Stepper
 
 PROVIDERS = ("cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16")  # auto: the FP16 sibling graph on CUDA when one was exported
 UNBOUNDED = 1 << 20  # "any batch" for graphs with a free batch dimension
 
 
@@ -55,7 +56,7 @@ class EpsBackend:
         raise NotImplementedError
 
     def stepper(self, chain: Chain) -> Stepper:
-        return HostStepper(self.eps, chain)
+        return chain.stepper(self.eps)
 
 
 def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str = "auto",
@@ -70,8 +71,8 @@ def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str
     path = Path(path)
     if provider not in PROVIDERS:
         raise DDPMError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
-    if precision not in ("auto", "fp32", "fp16"):
-        raise DDPMError(f"unknown precision {precision!r}; use auto, fp32 or fp16")
+    if precision not in PRECISIONS:
+        raise DDPMError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if path.is_dir():  # a diffusers folder
         from runtime.backends.eager_backend import EagerBackend
 
@@ -82,7 +83,7 @@ def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str
     if source_options and suffix != ".pt":
         raise DDPMError(f"{', '.join(source_options)} only apply to PyTorch sources (.pt or a diffusers folder)")
     if cuda_graph and (suffix != ".onnx" or provider != "cuda"):
-        raise DDPMError("CUDA graphs are only supported for .onnx models with --provider cuda")
+        raise DDPMError("CUDA graphs are only supported for .onnx models with {opt:provider} cuda")
     if suffix == ".onnx":
         from runtime.backends.onnxruntime_backend import open_onnx
 

@@ -25,7 +25,7 @@ class EagerBackend(EpsBackend):
             raise DDPMError(f"{path.name} is a PyTorch model and needs torch; install ddpm-deploy[train] or "
                             "pass an exported .onnx file") from None
         if provider == "cuda" and not torch.cuda.is_available():
-            raise DDPMError("--provider cuda needs a CUDA build of torch and a GPU; none found")
+            raise DDPMError("{opt:provider} cuda needs a CUDA build of torch and a GPU; none found")
         if threads:
             torch.set_num_threads(threads)
         source = load_source(path, **source_options)

@@ -18,16 +18,17 @@ import onnxruntime as ort
 from runtime.backends import UNBOUNDED, EpsBackend
 from runtime.errors import DDPMError
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
-from runtime.samplers import Chain, Stepper
+from runtime.sampling import Chain, Stepper
 
 _EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # CUDA provider options every session gets; parity checks set {"use_tf32": "0"} to compare with FP32 torch exactly.
 CUDA_OPTIONS: dict[str, str] = {}
 
 
-def _session(path: Path, provider: str, threads: int, cuda_graph: bool = False) -> ort.InferenceSession:
+def open_session(path: Path, provider: str = "cpu", threads: int = 0, cuda_graph: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime session on `provider` (full graph optimisation); an unloadable file is one DDPMError."""
     if provider == "cuda" and _EP["cuda"] not in ort.get_available_providers():
-        raise DDPMError("--provider cuda needs onnxruntime-gpu (and a CUDA GPU); this onnxruntime only has "
+        raise DDPMError("{opt:provider} cuda needs onnxruntime-gpu (and a CUDA GPU); this onnxruntime only has "
                         f"{', '.join(ort.get_available_providers())}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -49,7 +50,8 @@ def _session(path: Path, provider: str, threads: int, cuda_graph: bool = False) 
     return session
 
 
-def _info(session: ort.InferenceSession, path: Path) -> ModelInfo:
+def graph_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
+    """The graph's ddpm-deploy metadata, checked against its actual inputs and outputs."""
     info = ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
     names = tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs())
     if names != (info.inputs, info.outputs):
@@ -94,8 +96,8 @@ class OnnxRuntimeBackend(EpsBackend):
                  step_path: Path | None = None):
         self.path, self.provider, self.threads, self.cuda_graph = path, provider, threads, cuda_graph
         self.device = "cuda" if provider == "cuda" else "cpu"
-        self.session = _session(path, provider, threads, cuda_graph)
-        self.info = _info(self.session, path)
+        self.session = open_session(path, provider, threads, cuda_graph)
+        self.info = graph_info(self.session, path)
         self.batch_range = _batch_range(self.session, self.info)
         self.step_path = step_path
         self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
@@ -104,8 +106,8 @@ class OnnxRuntimeBackend(EpsBackend):
             self.step_info = self.info
             self._sessions[("step", 0)] = self.session
         elif step_path is not None:
-            step_session = _session(step_path, provider, threads, cuda_graph)
-            self.step_info = _info(step_session, step_path)
+            step_session = open_session(step_path, provider, threads, cuda_graph)
+            self.step_info = graph_info(step_session, step_path)
             if self.step_info.kind != "step" or self.step_info.source_sha256 != self.info.source_sha256:
                 raise DDPMError(f"{step_path} is not the step graph of {path.name}; re-export both together")
             self._sessions[("step", 0)] = step_session
@@ -131,9 +133,7 @@ class OnnxRuntimeBackend(EpsBackend):
     def step_graph_fits(self, chain: Chain) -> bool:
         """A step graph bakes the full schedule, DDPM, and the model's variance type and clipping."""
         info = getattr(self, "step_info", None)
-        return (info is not None and chain.sampler == "ddpm" and len(chain) == info.diffusion.num_timesteps
-                and chain.variance_type == info.diffusion.variance_type
-                and chain.clip_denoised == info.diffusion.clip_denoised)
+        return info is not None and chain.fits_step_graph(info.diffusion)
 
     def stepper(self, chain: Chain) -> Stepper:
         if self.step_graph_fits(chain) and (self.info.kind == "step" or self.device == "cuda"):
@@ -153,7 +153,7 @@ class OnnxRuntimeBackend(EpsBackend):
                 self._sessions[key] = self.session
             else:
                 source = self.path if graph == "eps" or self.info.kind == "step" else self.step_path
-                self._sessions[key] = _session(source, self.provider, self.threads, self.cuda_graph)  # type: ignore
+                self._sessions[key] = open_session(source, self.provider, self.threads, self.cuda_graph)  # type: ignore
         return self._sessions[key]
 
     def _bind(self, graph: str, batch: int) -> _Bound:
@@ -238,7 +238,7 @@ def open_onnx(path: Path, provider: str, *, precision: str = "auto", cuda_graph:
     if precision == "fp16" and path == family[("eps", "fp32")]:
         path = family[("eps", "fp16")]
         if not path.is_file():
-            raise DDPMError(f"--precision fp16 needs {path.name} beside {family[('eps', 'fp32')].name}; export with "
+            raise DDPMError(f"{{opt:precision}} fp16 needs {path.name} beside {family[('eps', 'fp32')].name}; export with "
                             "fp16 enabled")
     step = family[("step", precision)]
     use_step = provider == "cuda" and path in (family[("eps", "fp32")], family[("eps", "fp16")]) and step.is_file()

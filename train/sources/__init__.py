@@ -21,7 +21,7 @@ import torch
 
 from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo, eps_outputs
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import DiffusionConfig
 
 SOURCES = ("ddpm-deploy", "diffusers", "improved-diffusion")
 
@@ -52,15 +52,15 @@ def load_source(path: str | os.PathLike, *, scheduler_config: str | os.PathLike 
     path = Path(path)
     if not path.exists():
         raise DDPMError(f"model {path} not found; pass a ddpm-train .pt, a diffusers folder or an "
-                        "improved-diffusion .pt with --flags")
+                        "improved-diffusion .pt with {opt:flags}")
     if path.is_dir():
         if flags is not None:
-            raise DDPMError(f"{path} is a folder (diffusers); --flags is for improved-diffusion .pt files")
+            raise DDPMError(f"{path} is a folder (diffusers); {{opt:flags}} is for improved-diffusion .pt files")
         from train.sources import diffusers_source
 
         return diffusers_source.load(path, scheduler_config=scheduler_config)
     if scheduler_config is not None:
-        raise DDPMError("--scheduler-config is for bare diffusers UNet2DModel folders, not for .pt files")
+        raise DDPMError("{opt:scheduler_config} is for bare diffusers UNet2DModel folders, not for .pt files")
     if flags is not None:
         from train.sources import improved_diffusion_source
 

@@ -16,7 +16,7 @@ import torch
 
 from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import VARIANCE_TYPES, DiffusionConfig
 from train.sources import SourceModel
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
@@ -29,7 +29,6 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
     "prediction_type": "epsilon", "thresholding": False, "rescale_betas_zero_snr": False,
 }
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the same names on both sides
 PAPER = DiffusionConfig()  # the DDPM paper's schedule: linear 1e-4..0.02, T 1000, fixed_large, clip on
 
 
@@ -61,7 +60,7 @@ def diffusion_from_scheduler(config: dict[str, Any], where: str = "scheduler con
     change sampling in ways we do not reproduce are refused."""
     cls = config.get("_class_name", SCHEDULER_CLASS)
     if cls != SCHEDULER_CLASS:
-        raise DDPMError(f"{where} is a {cls}; only DDPMScheduler configs are read. Pass --scheduler-config FILE "
+        raise DDPMError(f"{where} is a {cls}; only DDPMScheduler configs are read. Pass {{opt:scheduler_config}} FILE "
                         "with the model's DDPMScheduler config")
     c = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in SCHEDULER_DEFAULTS}}
     if c["prediction_type"] != "epsilon":
@@ -73,9 +72,9 @@ def diffusion_from_scheduler(config: dict[str, Any], where: str = "scheduler con
                         "squaredcos_cap_v2 beta_schedule")
     if c["rescale_betas_zero_snr"]:
         raise DDPMError(f"{where}: rescale_betas_zero_snr is not supported")
-    if c["variance_type"] not in VARIANCES:
+    if c["variance_type"] not in VARIANCE_TYPES:
         raise DDPMError(f"{where}: variance_type {c['variance_type']!r} is not supported; use one of "
-                        f"{', '.join(VARIANCES)}")
+                        f"{', '.join(VARIANCE_TYPES)}")
     T = int(c["num_train_timesteps"])
     if c["beta_schedule"] == "linear":
         # diffusers' linear betas are linspace(beta_start, beta_end, T); ours scale both ends by 1000 / T.
@@ -194,7 +193,7 @@ def load(path: str | os.PathLike, scheduler_config: str | os.PathLike | None = N
         raise DDPMError(f"{unet_dir / 'config.json'} has no sample_size; add the image size")
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     c_in, c_out = int(unet.config.in_channels), int(unet.config.out_channels)
-    want = 2 * c_in if diffusion.variance_type == "learned_range" else c_in
+    want = 2 * c_in if diffusion.learned_variance else c_in
     if c_out != want:
         raise DDPMError(f"the UNet outputs {c_out} channels for {c_in} input channels, but variance_type "
                         f"{diffusion.variance_type} needs {want}; the scheduler config does not fit the model")

@@ -22,7 +22,7 @@ from torch import nn
 
 from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
-from runtime.schedule import DiffusionConfig
+from runtime.sampling.schedule import LEARNED_RANGE, DiffusionConfig
 from train.improved_unet import CHANNEL_MULT_BY_SIZE, ImprovedUNet, ImprovedUNetConfig
 from train.sources import SourceModel
 
@@ -169,7 +169,7 @@ def diffusion_config(flags: dict[str, Any]) -> DiffusionConfig:
     if flags["noise_schedule"] not in ("linear", "cosine"):
         raise DDPMError(f"unknown --noise_schedule {flags['noise_schedule']!r}; theirs are linear and cosine")
     if flags["learn_sigma"]:
-        variance = "learned_range"
+        variance = LEARNED_RANGE
     else:
         variance = "fixed_small" if flags["sigma_small"] else "fixed_large"
     # linear: our make_betas scales 1e-4..0.02 by 1000/T exactly like their get_named_beta_schedule

@@ -15,7 +15,13 @@ import numpy as np
 from runtime.errors import DDPMError
 
 SCHEDULES = ("linear", "cosine")
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")  # learned_range: Improved DDPM, needs the v output
+LEARNED_RANGE = "learned_range"  # Improved DDPM: the model outputs v beside eps and the variance interpolates with it
+VARIANCE_TYPES = ("fixed_small", "fixed_large", LEARNED_RANGE)
+
+
+def is_learned(variance_type: str) -> bool:
+    """The reverse variance comes from the model's v output (2C output channels), not from a fixed table."""
+    return variance_type == LEARNED_RANGE
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class DiffusionConfig:
     @property
     def learned_variance(self) -> bool:
         """The model outputs v beside eps (2C channels) and the reverse variance interpolates with it."""
-        return self.variance_type == "learned_range"
+        return is_learned(self.variance_type)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,14 +148,14 @@ class Schedule:
 
     def log_variance(self, variance_type: str) -> np.ndarray:
         """Reverse-step log-variance per step: fixed_small = clipped posterior, fixed_large = log beta (elt 0 fixed).
-        learned_range depends on the model's v output: see `runtime.steps.learned_log_variance`."""
+        learned_range depends on the model's v output: see `runtime.sampling.steps.learned_log_variance`."""
         if variance_type == "fixed_small":
             return self.posterior_log_variance_clipped
         if variance_type == "fixed_large":
             if len(self.betas) == 1:
                 return np.log(self.betas)
             return np.log(np.append(self.posterior_variance[1], self.betas[1:]))
-        if variance_type == "learned_range":
+        if is_learned(variance_type):
             raise DDPMError("learned_range variance depends on the model's v output; it has no fixed table")
         raise DDPMError(f"unknown variance type {variance_type!r}; use one of {', '.join(VARIANCE_TYPES)}")
 
@@ -225,7 +231,7 @@ def solver_timesteps(num_timesteps: int, steps: int | str, spacing: str = "linsp
         T, K = int(num_timesteps), int(str(steps).strip())
     except ValueError:
         raise DDPMError(f"{spacing} spacing needs the step count as a number K, got {steps!r} (ddimK and "
-                        "section counts respace --sampler ddpm or ddim)") from None
+                        "section counts respace {opt:sampler} ddpm or ddim)") from None
     if not 1 <= K <= T:
         raise DDPMError(f"cannot take {K} steps from {T} timesteps; use 1..{T}")
     if spacing == "linspace":

@@ -17,9 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from runtime.errors import DDPMError
-from runtime.noise import NoiseSource, SeededNoise
-from runtime.schedule import Schedule
-from runtime.steps import DDPMCoefficients, learned_log_variance, posterior_mean, predict_x0, q_sample, split_output
+from runtime.sampling.noise import NoiseSource, SeededNoise
+from runtime.sampling.schedule import Schedule, is_learned
+from runtime.sampling.steps import DDPMCoefficients, learned_log_variance, posterior_mean, predict_x0, q_sample, split_output
 
 EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 LN2 = math.log(2.0)
@@ -64,7 +64,7 @@ def prior_bpd(x0: np.ndarray, schedule: Schedule) -> np.ndarray:
 
 def model_log_variance(schedule: Schedule, variance_type: str, k: int, v: np.ndarray | None) -> np.ndarray | float:
     """The reverse step's log-variance at step k: the fixed table's entry, or the learned range's from v."""
-    if variance_type != "learned_range":
+    if not is_learned(variance_type):
         return float(schedule.log_variance(variance_type)[k])
     if v is None:
         raise DDPMError("learned_range variance needs the model's v output, but the model returned eps only")
@@ -150,7 +150,7 @@ def bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, variance_typ
 def dataset_bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, variance_type: str, clip: float | None,
                          seed: int, batch_size: int, progress: bool = False, first: int = 0) -> BitsPerDim:
     """`bits_per_dim` over many images in batches; image i draws its q_sample noise from rng([seed, first + i])
-    (`runtime.noise.SeededNoise`), so the result depends neither on the batch size nor on how a data set is split
+    (`runtime.sampling.noise.SeededNoise`), so the result depends neither on the batch size nor on how a data set is split
     into runs (`first`: the index of x0[0] in the whole data)."""
     parts = []
     batches = range(0, len(x0), batch_size)

@@ -1,6 +1,6 @@
 """CPU benchmark: the same checkpoint and chain through eager PyTorch and through ONNX Runtime, in one run.
 
-    python -m runtime.benchmark CKPT.pt MODEL.onnx --batch 8 --steps 10
+    python -m benchmarks.cpu_backends CKPT.pt MODEL.onnx --batch 8 --steps 10
 
 Both go through the one sampling loop; the eps calls are timed, so the table shows images/s and the share of wall
 time the runtime spends outside the model (noise, update, bookkeeping).
@@ -16,8 +16,9 @@ import click
 import numpy as np
 
 from runtime.backends import open_model
-from runtime.errors import DDPMError, run_cli
-from runtime.samplers import Chain, sample
+from runtime.cli_common import run_cli
+from runtime.errors import DDPMError
+from runtime.sampling import Chain, sample
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def benchmark(checkpoint: Path, onnx_model: Path, batch: int, steps: str, thread
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(benchmark, "python -m runtime.benchmark", argv)
+    run_cli(benchmark, "python -m benchmarks.cpu_backends", argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Load benchmark: `ddpm-serve` under 1, 4 and 16 concurrent clients beside offline `ddpm-run` sampling.
 
-    python -m runtime.serve_bench MODEL [--steps 20] [--images-per-request 4] [--seconds 20] [--max-batch 64]
+    python -m benchmarks.serving MODEL [--steps 20] [--images-per-request 4] [--seconds 20] [--max-batch 64]
 
-Offline throughput is `runtime.samplers.sample` (what ddpm-run runs) at `--max-batch` images per model call, in this
+Offline throughput is `runtime.sampling.loop.sample` (what ddpm-run runs) at `--max-batch` images per model call, in this
 process, before the server starts and again after it stopped. Between the two, ddpm-serve runs on free loopback ports
 with the same model, chain and max batch, and each client thread sends requests of `--images-per-request` images back
 to back for `--seconds`.
@@ -22,8 +22,9 @@ import click
 import numpy as np
 
 from runtime.backends import open_model
-from runtime.errors import DDPMError, run_cli
-from runtime.samplers import Chain, sample
+from runtime.cli_common import run_cli
+from runtime.errors import DDPMError
+from runtime.sampling import Chain, sample
 
 
 def free_ports(k: int) -> list[int]:
@@ -49,7 +50,7 @@ def offline(model: Path, steps: str | None, max_batch: int, images: int, threads
 
 def load(url: str, protocol: str, clients: int, per_request: int, seconds: float) -> dict[str, float]:
     """`clients` threads, each its own client, sending requests back to back for `seconds`."""
-    from runtime.serve_client import ImageClient
+    from runtime.serving.client import ImageClient
 
     latencies: list[float] = []
     lock, errors = threading.Lock(), []
@@ -98,14 +99,14 @@ def load(url: str, protocol: str, clients: int, per_request: int, seconds: float
 def cli(model: Path, steps: str, images_per_request: int, clients: str, seconds: float, max_batch: int,
         queue_delay_us: int, offline_images: int, threads: int, protocol: str) -> None:
     """Print requests/s and images/s of ddpm-serve at each concurrency, and offline images/s, for MODEL."""
-    from runtime.serve_client import ImageClient
+    from runtime.serving.client import ImageClient
 
     levels = [int(c) for c in clients.split(",")]
     if images_per_request < 1 or images_per_request > max_batch or min(levels) < 1:
         raise DDPMError("need 1 <= --images-per-request <= --max-batch and client counts >= 1")
     before = offline(model, steps, max_batch, offline_images, threads)
     http, grpc, metrics = free_ports(3)
-    cmd = [sys.executable, "-m", "runtime.serve", str(model), "--steps", steps, "--max-batch", str(max_batch),
+    cmd = [sys.executable, "-m", "runtime.serving.cli", str(model), "--steps", steps, "--max-batch", str(max_batch),
            "--queue-delay-us", str(queue_delay_us), "--threads", str(threads), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -7,62 +7,54 @@ from pathlib import Path
 
 import click
 
-from runtime.backends import PROVIDERS, open_model
-from runtime.errors import DDPMError, run_cli
+from runtime.backends import open_model
+from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, backend_options, choice, force_option, require_suffix,
+                                run_cli, seed_option)
+from runtime.errors import DDPMError, NonFiniteError
 from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
-from runtime.noise import check_save_noise, load_noise, save_noise
-from runtime.samplers import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS, SAMPLERS, Chain, default_sampler, sample_batches
-from runtime.schedule import SPACINGS, VARIANCE_TYPES
-from runtime.streaming import SampleStore
-from runtime.validation import FINITE, SEED, NonFiniteError, require_suffix
+from runtime.sampling.noise import check_save_noise, load_noise, save_noise
+from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS, SAMPLERS, Chain, default_sampler, sample_batches
+from runtime.sampling.schedule import SPACINGS, VARIANCE_TYPES
+from runtime.run.store import SampleStore
 
 GRID_MAX = 256  # images shown by --grid
 PROGRESSIVE_ROWS = 8  # images shown by --progressive
 
 
-def _choice(values: tuple[str, ...]) -> click.Choice:
-    return click.Choice(values, case_sensitive=False)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-run")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of images.")
+@click.option("--n", "n", type=POSITIVE, default=64, show_default=True, help="Number of images.")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
               "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps for ddpm and ddim, "
               f"{DEFAULT_SOLVER_STEPS} for the solvers.")
-@click.option("--sampler", type=_choice(SAMPLERS), default=None,
+@click.option("--sampler", type=choice(SAMPLERS), default=None,
               help="Reverse process: ancestral DDPM, DDIM, or a multistep solver for 10-20 steps: dpm++2m and unipc "
               f"(deterministic), sde-dpm++2m (stochastic). Default: {DEFAULT_SAMPLER} (ddpm for a step graph).")
-@click.option("--spacing", type=_choice(SPACINGS), default=None,
+@click.option("--spacing", type=choice(SPACINGS), default=None,
               help="Which K timesteps (diffusers' definitions). Default: linspace for the solvers, the respacing of "
               "--steps for ddpm and ddim.")
 @click.option("--eta", type=FINITE, default=None, help="DDIM noise scale (default 0 = deterministic); ddim only.")
-@click.option("--variance-type", type=_choice(VARIANCE_TYPES), default=None,
+@click.option("--variance-type", type=choice(VARIANCE_TYPES), default=None,
               help="DDPM reverse variance. Default: the model's.")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clip x_0 to the data range. Default: the model's.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Image i uses rng([seed, i]).")
-@click.option("--batch-size", type=int, default=None, help="Images per model call (default: min(n, 64, max)).")
+@seed_option()
+@click.option("--batch-size", type=POSITIVE, default=None, help="Images per model call (default: min(n, 64, max)).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.npz"), show_default=True,
               help="npz with arr_0 (uint8 N x H x W x C) and samples (float32 N x C x H x W).")
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
               help=f"Also write a grid picture of the first {GRID_MAX} images, in the format its extension names "
               "(.png, .jpg, ...).")
-@click.option("--progressive", type=int, default=None, help="Also write the predicted x_0 of the first "
+@click.option("--progressive", type=POSITIVE, default=None, help="Also write the predicted x_0 of the first "
               f"{PROGRESSIVE_ROWS} images every K steps (paper Fig. 6) as a PNG grid, <out stem>.progressive.png.")
-@click.option("--provider", type=_choice(PROVIDERS), default="cpu", show_default=True,
-              help="ONNX Runtime / torch device (.plan files always run on their GPU).")
-@click.option("--precision", type=_choice(("auto", "fp32", "fp16")), default="auto", show_default=True,
-              help="auto: the FP16 graph on CUDA when it was exported, FP32 on CPU.")
+@backend_options
 @click.option("--cuda-graph", is_flag=True, help="Capture a CUDA graph per batch shape (ONNX Runtime CUDA).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads (0: library default).")
 @click.option("--noise", "noise_file", type=click.Path(path_type=Path), default=None,
               help="Read the chain's noise from a [K+1, N, C, H, W] float32 .npy instead of the seed.")
 @click.option("--save-noise", "noise_out", type=click.Path(path_type=Path), default=None,
               help="Write the seeded noise this run uses as a [K+1, N, C, H, W] float32 .npy.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@force_option()
 def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: str | None, eta: float | None,
         variance_type: str | None, clip: bool | None, seed: int, batch_size: int | None, out: Path,
         grid: Path | None, provider: str, precision: str, cuda_graph: bool, threads: int, noise_file: Path | None,
@@ -71,14 +63,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
 
     Samples go to disk batch by batch (<out>.partial/, one batch in memory); rerunning a killed command resumes it
     with identical results. A run that cannot fit the disk is refused before sampling."""
-    if n < 1:
-        raise DDPMError(f"--n must be >= 1, got {n}")
-    if batch_size is not None and batch_size < 1:
-        raise DDPMError(f"--batch-size must be >= 1, got {batch_size}")
     if noise_file is not None and noise_out is not None:
         raise DDPMError("--noise and --save-noise exclude each other")
-    if progressive is not None and progressive < 1:
-        raise DDPMError(f"--progressive must be >= 1 steps, got {progressive}")
     figure = out.with_name(out.stem + ".progressive.png") if progressive else None
     outputs = [p for p in (out, grid, noise_out, figure) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
@@ -123,7 +109,7 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
     if noise_out is not None:
         save_noise(noise_out, seed, n, shape, len(chain), replace=force)
     if figure is not None:
-        from runtime.figures import progressive_grid
+        from runtime.run.progressive import progressive_grid
 
         save_png(figure, progressive_grid(backend, chain, min(n, PROGRESSIVE_ROWS), seed, progressive, noise),
                  replace=force)
@@ -147,5 +133,5 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(run, "ddpm-run", argv)
 
 
-if __name__ == "__main__":  # python -m runtime.cli (e.g. from a checkout on PYTHONPATH)
+if __name__ == "__main__":  # python -m runtime.run.cli (e.g. from a checkout on PYTHONPATH)
     main()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import DDPMError
-from runtime.frechet import frechet_from_stats, gaussian_stats
+from evaluation.frechet import frechet_from_stats, gaussian_stats
 from train.data import mnist_arrays
 
 HELD_OUT = 256

@@ -158,7 +158,7 @@ def load_inception(weights: str | os.PathLike | None) -> FIDInception:
         path = Path(weights)
         if not path.is_file():
             raise DDPMError(f"Inception weights {path} not found; pass pytorch-fid's "
-                            "pt_inception-2015-12-05-6726825d.pth with --inception-weights")
+                            "pt_inception-2015-12-05-6726825d.pth with {opt:inception_weights}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for foreign or unsafe files

@@ -1,13 +1,14 @@
 """An export folder -> a model repository for the official Triton Inference Server containers.
 
     REPO/ddpm_eps/config.pbtxt, 1/model.onnx (onnxruntime backend) or 1/model.plan (tensorrt_plan)
-    REPO/ddpm/config.pbtxt, 1/model.py, 1/model_info.json, 1/runtime/ (a copy of this package's runtime)
+    REPO/ddpm/config.pbtxt, 1/model.py, 1/model_info.json, 1/runtime/ (the modules of this runtime that sampling
+    and request handling need: errors, metadata, sampling/, serving/schema.py and sampler.py)
 
 `ddpm_eps` is the eps graph with Triton's dynamic batcher. `ddpm` is a Python-backend (BLS) model with the request
-format of `ddpm-serve` (rows of seed, index and optional sampler, steps, eta; see `runtime.serve`): it runs the
-sampling loop of the copied `runtime` package and calls `ddpm_eps` once per step. It imports that copy rather than
-carrying its own math, so the repository samples exactly like `ddpm-run` of the same version, and new samplers come
-with it; the container's Python needs numpy, click and tqdm (`pip install numpy click tqdm`).
+format of `ddpm-serve` (`runtime.serving.schema`): it runs the sampling loop of the copied modules and calls
+`ddpm_eps` once per step. It imports that copy rather than carrying its own math, so the repository samples exactly
+like `ddpm-run` of the same version, and new samplers come with it; the container's Python needs numpy and tqdm
+(`pip install numpy tqdm`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import runtime
-from ddpm_export.onnx_io import external_data_path, load_onnx, read_info
+import numpy as np
+
 from runtime.engine_info import EngineInfo
 from runtime.errors import DDPMError
-from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
-from runtime.samplers import DEFAULT_SAMPLER, Chain
+from runtime.metadata import GRAPH_SUFFIXES, ModelInfo, external_data_path
+from runtime.sampling import DEFAULT_SAMPLER, Chain
+from runtime.serving.schema import INPUTS, MODEL_NAME, OUTPUT, TRITON_TYPES
 
 EPS_MODEL = "ddpm_eps"
-SAMPLER_MODEL = "ddpm"
+SAMPLER_MODEL = MODEL_NAME
+RUNTIME = Path(__file__).resolve().parents[1]  # the runtime package
+# What the Python-backend model imports, and nothing else (no backends, commands or click).
+COPIED = ("errors.py", "finite.py", "resources.py", "fileio.py", "metadata.py", "sampling", "serving/schema.py",
+          "serving/sampler.py")
 KINDS = ("gpu", "cpu")
 MODEL_PY = Path(__file__).with_name("triton_model.py")
 
@@ -93,11 +99,8 @@ def sampler_config(info: ModelInfo, max_batch: int, instances: int, queue_delay_
         "name": SAMPLER_MODEL,
         "backend": "python",
         "max_batch_size": max_batch,
-        "input": [tensor("seed", "TYPE_INT64", [1]), tensor("index", "TYPE_INT64", [1]),
-                  tensor("sampler", "TYPE_STRING", [1], True), tensor("steps", "TYPE_STRING", [1], True),
-                  tensor("spacing", "TYPE_STRING", [1], True),
-                  tensor("eta", "TYPE_FP64", [1], True)],
-        "output": [tensor("image", "TYPE_FP32", list(info.image_shape))],
+        "input": [tensor(i.name, TRITON_TYPES[i.dtype], [1], i.optional) for i in INPUTS],
+        "output": [tensor(OUTPUT, TRITON_TYPES[np.float32], list(info.image_shape))],
         "dynamic_batching": _batcher(max_batch, queue_delay_us),
         # The loop is host work between eps calls; CPU instances keep several chains in flight for the GPU model.
         "instance_group": [{"count": instances, "kind": Enum("KIND_CPU")}],
@@ -130,8 +133,23 @@ def _graph_info(path: Path) -> tuple[ModelInfo, int | None]:
             raise DDPMError(f"{path.name} was built for batches {lo}..{hi}; Triton sends any batch from 1, rebuild "
                             "it with `ddpm-export build-engine --min-batch 1`")
         return engine.model_info(str(path)), hi
-    info = read_info(load_onnx(path), str(path))
-    return info, None
+    from runtime.backends.onnxruntime_backend import graph_info, open_session
+
+    return graph_info(open_session(path), path), None
+
+
+def copy_runtime(dest: Path) -> None:
+    """The runtime modules the sampling model imports, under `dest` (a package without backends or commands)."""
+    dest.mkdir(parents=True)
+    (dest / "__init__.py").write_text('"""The part of ddpm-deploy\'s runtime that the `ddpm` model imports."""\n')
+    (dest / "serving").mkdir()
+    (dest / "serving" / "__init__.py").write_text("")
+    for name in COPIED:
+        source = RUNTIME / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copyfile(source, dest / name)
 
 
 def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | None = None, kind: str = "gpu",
@@ -149,7 +167,7 @@ def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | No
     if not export_dir.is_dir():
         raise DDPMError(f"export folder {export_dir} not found")
     if out.exists() and not force:
-        raise DDPMError(f"{out} already exists; pass --force to replace it or choose another folder")
+        raise DDPMError(f"{out} already exists; pass {{opt:force}} to replace it or choose another folder")
     source = _eps_source(export_dir, graph)
     info, plan_max = _graph_info(source)
     if info.kind != "eps":
@@ -177,8 +195,7 @@ def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | No
         loop_dir = staging / SAMPLER_MODEL / "1"
         shutil.copyfile(MODEL_PY, loop_dir / "model.py")
         (loop_dir / "model_info.json").write_text(json.dumps(info.to_metadata(), indent=2, sort_keys=True))
-        shutil.copytree(Path(runtime.__file__).parent, loop_dir / "runtime",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        copy_runtime(loop_dir / "runtime")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

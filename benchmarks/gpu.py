@@ -1,6 +1,6 @@
 """GPU benchmark, one run on one device: the paper's CIFAR-10 UNet (random weights) sampled with a full DDPM chain.
 
-    python examples/benchmark_gpu.py [--steps 1000] [--batches 1,8,64] [--work DIR]
+    python benchmarks/gpu.py [--steps 1000] [--batches 1,8,64] [--work DIR]
 
 Rows: eager PyTorch CUDA FP32, PyTorch CUDA autocast FP16, ONNX Runtime CUDA FP32, ONNX Runtime CUDA FP16, FP16
 with a captured CUDA graph, and (an experiment) FP16 + graph on graphs fused by ONNX Runtime's `unet` optimizer
@@ -131,8 +131,8 @@ def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
     """Wall seconds of one chain with the eager reference sampler (tensors stay on the GPU)."""
     import torch
 
-    from runtime.noise import SeededNoise
-    from runtime.samplers import Chain
+    from runtime.sampling.noise import SeededNoise
+    from runtime.sampling import Chain
     from train.checkpoint import load_checkpoint
     from train.sampler import sample
 
@@ -157,8 +157,8 @@ def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str,
     """Wall seconds of one chain through the runtime (after a 3-step warm-up that captures CUDA graphs), the share of
     it spent outside the device step, which path ran, and the samples (seed 0)."""
     from runtime.backends import open_model
-    from runtime.noise import SeededNoise
-    from runtime.samplers import Chain, sample
+    from runtime.sampling.noise import SeededNoise
+    from runtime.sampling import Chain, sample
 
     backend = open_model(onnx_path, "cuda", precision=precision, cuda_graph=cuda_graph)
     chain = Chain.build(backend.info.diffusion, "ddpm", str(steps))

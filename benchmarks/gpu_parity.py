@@ -1,6 +1,6 @@
 """GPU parity, one run: ONNX Runtime CUDA vs eager PyTorch CUDA on the same weights, seed and full DDPM chain.
 
-    python examples/gpu_parity.py CKPT_OR_MODEL_FOLDER EXPORT_DIR [--n 8] [--steps 1000]
+    python benchmarks/gpu_parity.py CKPT_OR_MODEL_FOLDER EXPORT_DIR [--n 8] [--steps 1000]
 
 FP32 rows run with TF32 off on both sides (torch.backends flags; ONNX Runtime's `use_tf32=0`), so the only
 difference left is kernel summation order. The FP16 row compares ONNX Runtime CUDA FP16 with FP32 (mean and max
@@ -25,7 +25,7 @@ def main(model: Path, export_dir: Path, n: int, steps: str) -> None:
     import torch
 
     from runtime.backends import onnxruntime_backend, open_model
-    from runtime.samplers import Chain, sample
+    from runtime.sampling import Chain, sample
 
     if not torch.cuda.is_available():
         click.echo("error: no CUDA GPU is visible", err=True)

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, TypeVar, Union
 import numpy as np
 
 from runtime.errors import DDPMError
-from runtime.schedule import Schedule
+from runtime.sampling.schedule import Schedule, is_learned
 
 Array = TypeVar("Array")  # np.ndarray or torch.Tensor
 Clip = Union[bool, float, None]  # x_0 clip: a bound r (clip to [-r, r]), True for r = 1, False/None for none
@@ -41,7 +41,7 @@ class DDPMCoefficients:
     def tables(cls, schedule: Schedule, variance_type: str) -> "DDPMCoefficients":
         """Whole float64 tables, one entry per sampling step (for baking into a graph)."""
         nonzero = (np.arange(len(schedule)) > 0).astype(np.float64)
-        fixed = variance_type != "learned_range"
+        fixed = not is_learned(variance_type)
         noise_scale = nonzero * np.exp(0.5 * schedule.log_variance(variance_type)) if fixed else nonzero * 0.0
         return cls(
             schedule.sqrt_recip_alphas_cumprod,
@@ -144,7 +144,7 @@ def q_sample(x0: Array, noise: Array, sqrt_ac: Any, sqrt_one_minus_ac: Any) -> A
 
 # Multistep solvers (DPM-Solver++, UniPC) in data-prediction form. Each step is a linear combination of the current
 # sample, the newest x_0 predictions and the step's noise; the coefficients are float64 numbers computed once per
-# chain from the half-log-SNR lambda = log(alpha / sigma) (`runtime.schedule.half_log_snr`), h = lambda_t - lambda_s.
+# chain from the half-log-SNR lambda = log(alpha / sigma) (`runtime.sampling.schedule.half_log_snr`), h = lambda_t - lambda_s.
 
 
 @dataclass(frozen=True)

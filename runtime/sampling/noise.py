@@ -2,7 +2,7 @@
 
 Order: image i (counted over the whole run, not the batch) has its own generator `numpy.random.default_rng([seed,
 i])`. It first draws x_T, then one noise array per sampling step taken, the last step (t = 0) included (it is scaled
-by zero there, see `runtime.steps`), each as `standard_normal((C, H, W), dtype=float32)`.
+by zero there, see `runtime.sampling.steps`), each as `standard_normal((C, H, W), dtype=float32)`.
 
 Noise file (written by `ddpm-run --save-noise`, read by `--noise` and by the C++ host): a float32 `.npy` of shape
 [K+1, N, C, H, W]; index 0 is x_T, index 1+j the noise of the j-th step taken (j = 0 is the first step, t = T-1).
@@ -21,7 +21,8 @@ import numpy as np
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write
 from runtime.resources import require_memory
-from runtime.validation import NonFiniteError, all_finite
+from runtime.finite import all_finite
+from runtime.errors import NonFiniteError
 
 
 class NoiseSource(Protocol):
@@ -134,7 +135,7 @@ def chain_noise(seed: int, n: int, image_shape: tuple[int, int, int], num_steps:
 
 def check_save_noise(n: int, image_shape: tuple[int, int, int]) -> None:
     """save_noise holds one step of all n images (and its bytes): refuse before sampling what cannot fit."""
-    require_memory(2 * n * int(np.prod(image_shape)) * 4, f"--save-noise for {n} images", "lower --n")
+    require_memory(2 * n * int(np.prod(image_shape)) * 4, f"{{opt:noise_out}} for {n} images", "lower {opt:n}")
 
 
 def save_noise(path: str | os.PathLike, seed: int, n: int, image_shape: tuple[int, int, int], num_steps: int, *,
@@ -168,5 +169,5 @@ def load_noise(path: str | os.PathLike, n: int, image_shape: tuple[int, int, int
     for j in range(len(noise)):  # one step at a time: the memory map never becomes resident as a whole
         if not all_finite(noise[j]):
             raise NonFiniteError(f"noise file {path} holds NaN or inf in entry {j} of {len(noise)} "
-                                 f"({'x_T' if j == 0 else f'the noise of step {j}'}); write it again with --save-noise")
+                                 f"({'x_T' if j == 0 else f'the noise of step {j}'}); write it again with {{opt:noise_out}}")
     return noise

@@ -1,6 +1,6 @@
 """A small tritonclient wrapper for `ddpm-serve` (HTTP or gRPC): images by (seed, index), readiness, batch stats.
 
-One request carries one row per image (see `runtime.serve`), at most the server's `max_batch` rows. One client per
+One request carries one row per image (`runtime.serving.schema`), at most the server's `max_batch` rows. One client per
 thread: tritonclient's clients are not thread-safe.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtime.errors import DDPMError
-from runtime.serve import MODEL_NAME, OUTPUT
+from runtime.serving.schema import INPUTS, MODEL_NAME, OUTPUT
 
 PROTOCOLS = ("http", "grpc")
 
@@ -78,14 +78,16 @@ class ImageClient:
                 steps: str | int | None = None, spacing: str | None = None, eta: float | None = None) -> np.ndarray:
         """One inference request: row i is image indices[i] of seed seeds[i]; float32 [n, C, H, W]."""
         n = len(indices)
-        arrays: dict[str, np.ndarray] = {
-            "seed": np.asarray(seeds, dtype=np.int64).reshape(n, 1),
-            "index": np.asarray(indices, dtype=np.int64).reshape(n, 1)}
-        for name, value in (("sampler", sampler), ("steps", steps), ("spacing", spacing)):
-            if value is not None:
-                arrays[name] = np.full((n, 1), str(value).encode(), dtype=object)
-        if eta is not None:
-            arrays["eta"] = np.full((n, 1), eta, dtype=np.float64)
+        values = {"seed": seeds, "index": indices, "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta}
+        arrays: dict[str, np.ndarray] = {}
+        for spec in INPUTS:
+            value = values[spec.name]
+            if value is None:
+                continue
+            if spec.dtype is np.bytes_:
+                arrays[spec.name] = np.full((n, 1), str(value).encode(), dtype=object)
+            else:
+                arrays[spec.name] = np.array(np.broadcast_to(np.asarray(value, dtype=spec.dtype), (n,))).reshape(n, 1)
         return self.infer(arrays)
 
     def infer(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The `ddpm` Python-backend (BLS) model of a generated Triton repository; copied there as 1/model.py.
 
-It imports the `runtime` package copied beside it (`ddpm_export.triton_repo`) and uses the same request handling and
-sampling loop as `ddpm-serve` (`runtime.serve.Sampler`); each eps evaluation is a BLS call to the `ddpm_eps` model.
+It imports the runtime modules copied beside it (`runtime.serving.triton_repo`) and uses the same request handling
+and sampling loop as `ddpm-serve` (`runtime.serving.sampler.Sampler`); each eps evaluation is a BLS call to the
+`ddpm_eps` model.
 Unlike PyTriton, the Python backend answers each request on its own, so a bad request fails only itself.
 """
 
@@ -13,14 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton's Python backend (a package walk, a linter): defined, never run
+    pb_utils = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime.errors import DDPMError  # noqa: E402
 from runtime.metadata import ModelInfo  # noqa: E402
-from runtime.samplers import Chain, HostStepper, Stepper  # noqa: E402
-from runtime.serve import INPUTS, OUTPUT, Sampler  # noqa: E402
+from runtime.sampling import Chain, Stepper  # noqa: E402
+from runtime.serving.sampler import Sampler  # noqa: E402
+from runtime.serving.schema import INPUT_NAMES, OUTPUT  # noqa: E402
 
 EPS_MODEL = "ddpm_eps"
 
@@ -44,7 +50,7 @@ class BlsEps:
         return np.concatenate(outs, axis=1)  # eps, then v for learned-variance models
 
     def stepper(self, chain: Chain) -> Stepper:
-        return HostStepper(self.eps, chain)
+        return chain.stepper(self.eps)
 
 
 class TritonPythonModel:
@@ -60,7 +66,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         valid, rows, responses = [], [], [None] * len(requests)
         for i, request in enumerate(requests):
-            arrays = {name: tensor.as_numpy() for name in INPUTS
+            arrays = {name: tensor.as_numpy() for name in INPUT_NAMES
                       if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
             try:
                 rows.append(self.sampler.rows(arrays))

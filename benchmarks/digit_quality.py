@@ -1,8 +1,8 @@
 """How digit-like are generated MNIST samples? Prints the share labelled with confidence >= 0.9 by a classifier
 trained on real MNIST, and the class histogram, beside the same figures for 256 held-out real digits.
 
-    python examples/digit_quality.py samples.npz            # 'samples' N x C x H x W in [-1, 1] or 'arr_0' uint8 NHWC
-    python examples/digit_quality.py runs/mnist/ckpt.pt --steps 100   # sample 256 with the eager sampler first
+    python benchmarks/digit_quality.py samples.npz            # 'samples' N x C x H x W in [-1, 1] or 'arr_0' uint8 NHWC
+    python benchmarks/digit_quality.py runs/mnist/ckpt.pt --steps 100   # sample 256 with the eager sampler first
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from runtime.errors import DDPMError, run_cli
+from runtime.cli_common import run_cli
+from runtime.errors import DDPMError
 from runtime.images import to_uint8
-from train.quality import CONFIDENT, DigitQuality, classify, held_out_real
+from evaluation.digit_quality import CONFIDENT, DigitQuality, classify, held_out_real
 
 
 def load_images(path: Path, n: int, steps: str | None, seed: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Host noise on or off the critical path: wall time per step with and without the worker-thread prefetch.
 
-    python -m runtime.noise_benchmark --shape 3,32,32 --batch 64 --device-ms 2.5
-    python -m runtime.noise_benchmark --model export/model.onnx --batch 8      # a real ONNX Runtime CPU step
+    python -m benchmarks.noise_overlap --shape 3,32,32 --batch 64 --device-ms 2.5
+    python -m benchmarks.noise_overlap --model export/model.onnx --batch 8      # a real ONNX Runtime CPU step
 
 Without --model, the device step is simulated by a wait of --device-ms (what a host thread does while a GPU runs: it
 sleeps in a synchronize, holding no GIL), so the figure isolates what the noise costs the loop. "host ms/step" is
@@ -17,10 +17,11 @@ import click
 import numpy as np
 
 from runtime.backends import open_model
-from runtime.errors import DDPMError, run_cli
-from runtime.noise import SeededNoise
-from runtime.samplers import Chain, HostStepper, run_chain
-from runtime.schedule import DiffusionConfig
+from runtime.cli_common import run_cli
+from runtime.errors import DDPMError
+from runtime.sampling.noise import SeededNoise
+from runtime.sampling import Chain, run_chain
+from runtime.sampling.schedule import DiffusionConfig
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -34,7 +35,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 def _time_chain(eps, chain: Chain, batch: int, shape: tuple[int, int, int], overlap: bool) -> float:
     source = SeededNoise(0, 0, batch, shape)
     start = time.perf_counter()
-    run_chain(HostStepper(eps, chain), chain, source, overlap_noise=overlap)
+    run_chain(chain.stepper(eps), chain, source, overlap_noise=overlap)
     return time.perf_counter() - start
 
 
@@ -85,7 +86,7 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(benchmark, "python -m runtime.noise_benchmark", argv)
+    run_cli(benchmark, "python -m benchmarks.noise_overlap", argv)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def check_disk(out: Path, n: int, shape: tuple[int, int, int], done: int = 0) ->
     if partial + final > free:
         raise DDPMError(f"not enough disk space for {n} images in {out.parent or '.'}: need {_human(partial + final)} "
                         f"({_human(partial)} partial file + {_human(final)} final .npz), {_human(free)} free; "
-                        "lower --n or free some space")
+                        "lower {opt:n} or free some space")
 
 
 def _mkdir(path: Path) -> bool:
@@ -99,7 +99,7 @@ class SampleStore:
                 self.created = _mkdir(self.dir) or self.created
                 fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
             except OSError as exc:
-                raise DDPMError(f"cannot create {self.dir}: {exc.strerror}; choose a writable --out") from None
+                raise DDPMError(f"cannot create {self.dir}: {exc.strerror}; choose a writable {{opt:out}}") from None
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             if key in _HELD:  # an earlier run in this process (tests call main() repeatedly)
@@ -111,7 +111,7 @@ class SampleStore:
             except BlockingIOError:
                 os.close(fd)
                 raise DDPMError(f"another ddpm-run is writing {self.out} right now; wait for it to finish or "
-                                "choose another --out") from None
+                                "choose another {opt:out}") from None
             if self.dir.exists() and os.path.samestat(st, os.stat(self.dir)):
                 _HELD[key], self.lock_key = fd, key
                 break
@@ -120,8 +120,8 @@ class SampleStore:
             raise DDPMError(f"{self.dir} keeps being replaced (other runs writing {self.out}?); try again")
         if self.out.exists() and not force:
             self.discard_if_new()
-            raise DDPMError(f"{self.out} was written by another run meanwhile; pass --force to overwrite it or "
-                            "choose another --out")
+            raise DDPMError(f"{self.out} was written by another run meanwhile; pass {{opt:force}} to overwrite it or "
+                            "choose another {opt:out}")
 
     def discard_if_new(self) -> None:
         """Remove the partial folder if this run created it and stored nothing: a refused run leaves no trace."""
@@ -146,7 +146,7 @@ class SampleStore:
             return int(record["done"])
         if record is not None and not force:  # without a record nothing was finished: safe to discard
             raise DDPMError(f"{self.dir} holds an unfinished run with other settings; rerun that command to finish "
-                            "it, or pass --force to discard it")
+                            "it, or pass {opt:force} to discard it")
         for entry in self.dir.iterdir():  # empty the folder but keep it: it is what the lock holds
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return 0
@@ -162,7 +162,7 @@ class SampleStore:
                 f.write(_npy_header((self.n, *self.shape), "<f4"))
                 f.truncate(HEADER_BYTES + self.n * self.image_bytes)
         except OSError as exc:
-            raise DDPMError(f"cannot create {self.dir}: {exc.strerror}; choose a writable --out") from None
+            raise DDPMError(f"cannot create {self.dir}: {exc.strerror}; choose a writable {{opt:out}}") from None
         self._write_progress(0)
 
     def _read_progress(self) -> dict[str, Any] | None:

@@ -3,15 +3,18 @@
     ddpm-export SOURCE [options]                export (the default command; `ddpm-export export SOURCE` also works)
     ddpm-export build-engine MODEL.fp16.onnx    build a TensorRT plan later, on a GPU host
     ddpm-export triton-repo EXPORT_DIR --out R  a model repository for the official Triton containers
+    ddpm-export to-diffusers CKPT --out DIR     the checkpoint as a diffusers DDPMPipeline folder
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from runtime.cli_common import CONTEXT, FINITE, force_option, run_cli
+from runtime.cli_common import CONTEXT, FINITE, force_option, model_argument, run_cli
 from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
 
 
@@ -38,15 +41,10 @@ def _batch_options(f):
 
 
 @cli.command("export")
-@click.argument("source", type=click.Path(path_type=Path))
+@model_argument
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
-              help="output folder  [default: <checkpoint folder>/export, or <diffusers folder>-export beside it]")
-@click.option("--scheduler-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="diffusers scheduler_config.json for a bare UNet2DModel folder  [default: the DDPM paper's "
-                   "schedule: linear 1e-4..0.02, T=1000, fixed_large, clip on]")
-@click.option("--flags", default=None,
-              help="improved-diffusion model and diffusion flags, as on their scripts' command line (\"--image_size "
-                   "32 --num_channels 128 ...\") or a JSON file; marks SOURCE as an improved-diffusion .pt")
+              help="output folder  [default: <checkpoint folder>/export, or <model name>-export beside a diffusers "
+                   "folder; in the current folder for a hub id or a folder inside the Hugging Face cache]")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="also write the mixed-precision FP16 ONNX")
 @click.option("--step-graph/--no-step-graph", default=True, show_default=True,
               help="also write the one-step sampler graph (x_t, t, noise -> x_prev)")
@@ -58,21 +56,34 @@ def _batch_options(f):
               help="build the TensorRT engine: --engine requires it, --no-engine skips it  [default: if possible]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the graphs numerically")
 @force_option("Overwrite existing outputs.")
-def export_cmd(source: Path, out_dir: Path | None, scheduler_config: Path | None, flags: str | None, fp16: bool,
-               step_graph: bool, opset: int, max_batch: int, min_batch: int, opt_batch: int | None,
-               engine: bool | None, validate: bool, force: bool) -> None:
-    """Export SOURCE: a .pt written by ddpm-train, a diffusers folder (pipeline or UNet2DModel), or an
-    improved-diffusion .pt with --flags."""
+def export_cmd(model: Path, out_dir: Path | None, fp16: bool, step_graph: bool, opset: int, max_batch: int,
+               min_batch: int, opt_batch: int | None, engine: bool | None, validate: bool, force: bool,
+               source_options: dict[str, Any]) -> None:
+    """Export MODEL: a .pt written by ddpm-train, a diffusers folder (pipeline or UNet2DModel) or the hub id of one in
+    the local Hugging Face cache, or an improved-diffusion .pt with --flags."""
     from ddpm_export.pipeline import export_all
-    from train.sources import load_source
+    from train.sources import hub, load_source
 
-    model = load_source(source, scheduler_config=scheduler_config, flags=flags)
-    default_dir = source.parent / f"{source.name}-export" if source.is_dir() else source.parent / "export"
-    written = export_all(model, out_dir or default_dir, fp16=fp16, step_graph=step_graph,
+    source = load_source(model, **source_options)
+    if hub.is_hub_id(model) or hub.in_cache(model):  # outputs never land inside the cache
+        default_dir = Path(f"{hub.export_name(model)}-export")
+    else:
+        default_dir = model.parent / f"{model.name}-export" if model.is_dir() else model.parent / "export"
+    written = export_all(source, out_dir or default_dir, fp16=fp16, step_graph=step_graph,
                          max_batch=max_batch, opset=opset, validate=validate, engine=engine, force=force,
                          min_batch=min_batch, opt_batch=opt_batch)
     for key, path in written.items():
         click.echo(f"{key:>10}: {path}")
+    click.echo(_verdict(written.get("validation")))
+
+
+def _verdict(report_path: Path | None) -> str:
+    """The export's one-line verdict: validation passed with its worst errors, or skipped (failures raise)."""
+    if report_path is None:
+        return "validation skipped (--no-validate): the graphs were not checked against the model"
+    summary = json.loads(Path(report_path).read_text())["summary"]
+    worst = ", ".join(f"{name.replace('_', ' ')} {value:.2e}" for name, value in summary.items() if value is not None)
+    return f"validation passed: {worst}"
 
 
 @cli.command("build-engine")
@@ -128,6 +139,18 @@ def triton_repo_cmd(export_dir: Path, out: Path, graph: str | None, kind: str, i
                                eta=eta, force=force)
     for name, path in written.items():
         click.echo(f"{name:>10}: {path}")
+
+
+@cli.command("to-diffusers")
+@click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="DDPMPipeline folder to write")
+@force_option("Replace an existing folder.")
+def to_diffusers_cmd(checkpoint: Path, out: Path, force: bool) -> None:
+    """Write CHECKPOINT (a ddpm-train .pt) as a diffusers DDPMPipeline folder (unet/, scheduler/, model_index.json)
+    that DDPMPipeline.from_pretrained loads."""
+    from ddpm_export.to_diffusers import write_pipeline
+
+    click.echo(f"wrote {write_pipeline(checkpoint, out, force=force)} (DDPMPipeline: unet + DDPMScheduler)")
 
 
 def main(argv: list[str] | None = None) -> None:

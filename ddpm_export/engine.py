@@ -23,6 +23,7 @@ from ddpm_export.onnx_io import load_onnx, read_info
 from runtime.engine_info import EngineInfo, sidecar_path
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes, check_writable, file_sha256
+from runtime.progress import progress
 
 BUILD_LATER = "build it on a GPU host with `ddpm-export build-engine MODEL.fp16.onnx`"
 
@@ -76,8 +77,8 @@ def _progress_monitor(trt: Any) -> Any | None:
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             with self._lock:
-                self._bars[phase_name] = tqdm(total=num_steps, desc=phase_name, leave=False,
-                                              position=len(self._bars))
+                self._bars[phase_name] = progress(total=num_steps, desc=phase_name, leave=False,
+                                                  position=len(self._bars))
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with self._lock:
@@ -141,7 +142,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, pro
         config.progress_monitor = monitor
 
     start = time.perf_counter()
-    with tqdm(desc="building TensorRT engine", bar_format="{desc}: {elapsed}", disable=monitor is not None):
+    with progress(desc="building TensorRT engine", bar_format="{desc}: {elapsed}", show=monitor is None):
         plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise DDPMError(f"TensorRT failed to build an engine from {onnx_path}; rerun with a lower "

@@ -32,6 +32,7 @@ from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
 from runtime.fileio import check_writable, clear_stale_temps, file_sha256, publish, temp_prefix
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
+from runtime.progress import progress
 from runtime.resources import require_memory
 from train.sources import SourceModel, load_source
 
@@ -150,7 +151,7 @@ def _export(source: SourceModel, base: ModelInfo, out_dir: Path, targets: dict[s
     start = time.perf_counter()
     clear_stale_temps(out_dir)
     with tempfile.TemporaryDirectory(prefix=temp_prefix(out_dir / "export"), dir=out_dir) as tmp, \
-            tqdm(total=len(stages), desc="export", unit="stage") as bar:
+            progress(total=len(stages), desc="export", unit="stage") as bar:
         staged = Path(tmp)
         bar.set_postfix_str("FP32 eps graph")
         eps_model = export_module(model, sample_inputs(base.image_shape, T), list(base.outputs), opset)

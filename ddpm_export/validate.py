@@ -21,10 +21,10 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy import comparator as pg_comparator
 from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
-from tqdm import tqdm
 
 from runtime.backends.onnxruntime_backend import open_session
 from runtime.metadata import ModelInfo
+from runtime.progress import progress
 from runtime.sampling.schedule import Schedule
 from runtime.sampling.steps import DDPMCoefficients, ddpm_step
 
@@ -166,7 +166,7 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
     fp16_step = len(step_runners) == 4  # the FP16 pair follows the FP32 pair
 
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        for case, feed in zip(tqdm(cases, desc="validating", unit="case", leave=False), feeds):
+        for case, feed in zip(progress(cases, desc="validating", unit="case", leave=False), feeds):
             eps_feed = {"x_t": feed["x_t"], "t": feed["t"]}
             results = Comparator.run(eps_runners, data_loader=[eps_feed])
             for name in outputs:  # eps checks keep their names; v's are suffixed

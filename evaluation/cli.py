@@ -11,6 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -20,7 +21,7 @@ from evaluation.frechet import frechet_distance
 from evaluation.likelihood import dataset_bits_per_dim
 from evaluation.sweep import sweep
 from runtime.backends import open_model
-from runtime.cli_common import CONTEXT, COUNT, backend_options, force_option, run_cli, seed_option
+from runtime.cli_common import CONTEXT, COUNT, backend_options, force_option, model_argument, run_cli, seed_option
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes, check_writable
 from runtime.images import make_grid, save_png, to_uint8
@@ -47,7 +48,7 @@ def _batch_size(requested: int | None, n: int, batch_range: tuple[int, int]) -> 
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@model_argument
 @click.option("--data", required=True, help="mnist (the 1,000 test digits ddpm-train holds out), cifar10 (its "
               "test_batch), folder, or an .npz whose arr_0 is uint8 N x H x W x C.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder for cifar10 / folder.")
@@ -66,12 +67,12 @@ def _batch_size(requested: int | None, n: int, batch_range: tuple[int, int]) -> 
 @force_option("Overwrite an existing --json file.")
 def nll(model: Path, data: str, data_dir: Path | None, n: int | None, first: int, batch_size: int | None, seed: int,
         steps: str | None, clip: bool | None, json_out: Path | None, provider: str, precision: str, threads: int,
-        force: bool) -> None:
+        force: bool, source_options: dict[str, Any]) -> None:
     """Negative log-likelihood bound of MODEL on real images, in bits/dim, with its parts (prior at T, the sum of
     the KL terms, the decoder at t = 0). One model call per image and step: T calls per image."""
     if json_out is not None:
         check_writable(json_out, force)
-    backend = open_model(model, provider, precision=precision, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     info = backend.info
     if tuple(info.data_range) != (-1.0, 1.0):
         raise DDPMError(f"{model} works in data range {info.data_range}; the bound's 256 bins need [-1, 1]")
@@ -168,7 +169,7 @@ def quality(samples: Path, ref: str, inception_weights: Path | None, json_out: P
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@model_argument
 @click.option("--data", required=True, help="mnist, cifar10 (test_batch), folder, or an .npz (arr_0 uint8 NHWC).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder for cifar10 / folder.")
 @click.option("--pairs", type=int, default=4, show_default=True, help="Rows: image pairs (0, 1), (2, 3), ...")
@@ -183,7 +184,7 @@ def quality(samples: Path, ref: str, inception_weights: Path | None, json_out: P
 @force_option("Overwrite an existing --out.")
 def interpolate(model: Path, data: str, data_dir: Path | None, pairs: int, mixes: int, t: int | None,
                 steps: str | None, seed: int, out: Path, provider: str, precision: str, threads: int,
-                force: bool) -> None:
+                force: bool, source_options: dict[str, Any]) -> None:
     """Interpolate between pairs of real images in the diffusion latent space (Ho et al. Fig. 8)."""
     from evaluation.interpolation import interpolate as decode_mixes
     from runtime.sampling import Chain
@@ -191,7 +192,7 @@ def interpolate(model: Path, data: str, data_dir: Path | None, pairs: int, mixes
     if pairs < 1 or mixes < 2:
         raise DDPMError(f"need --pairs >= 1 and --mixes >= 2, got {pairs} and {mixes}")
     check_writable(out, force)
-    backend = open_model(model, provider, precision=precision, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     info = backend.info
     if mixes > backend.batch_range[1]:
         raise DDPMError(f"--mixes {mixes} exceeds this model's largest batch {backend.batch_range[1]}")

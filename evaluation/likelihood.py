@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from runtime.errors import DDPMError
+from runtime.progress import progress as progress_bar
 from runtime.sampling.noise import NoiseSource, SeededNoise
 from runtime.sampling.schedule import Schedule, is_learned
 from runtime.sampling.steps import DDPMCoefficients, learned_log_variance, posterior_mean, predict_x0, q_sample, split_output
@@ -154,7 +154,7 @@ def dataset_bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, vari
     into runs (`first`: the index of x0[0] in the whole data)."""
     parts = []
     batches = range(0, len(x0), batch_size)
-    with tqdm(total=len(schedule) * len(batches), desc="nll", unit="step", disable=not progress) as bar:
+    with progress_bar(total=len(schedule) * len(batches), desc="nll", unit="step", show=progress) as bar:
         for start in batches:
             b = min(batch_size, len(x0) - start)
             noise = SeededNoise(seed, first + start, b, tuple(x0.shape[1:]))

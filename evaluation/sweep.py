@@ -20,7 +20,7 @@ from typing import Any
 import click
 import numpy as np
 
-from runtime.cli_common import backend_options, force_option
+from runtime.cli_common import backend_options, force_option, model_argument
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes
 from runtime.images import to_uint8
@@ -190,7 +190,7 @@ def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@model_argument
 @click.option("--ref", type=click.Choice(["mnist"]), required=True,
               help="Reference data and scorer: mnist (the digit classifier of train/quality.py).")
 @click.option("--cell", "cells", multiple=True, help="SAMPLER:STEPS to run, repeatable, in this order (default: "
@@ -210,7 +210,7 @@ def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)
 @force_option("Start over even if --out-dir holds a sweep.")
 def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: str, n: int, seeds: str,
           spread_max_calls: int, spacing: str, batch_size: int | None, provider: str, precision: str, threads: int,
-          out_dir: Path, force: bool) -> None:
+          out_dir: Path, force: bool, source_options: dict[str, Any]) -> None:
     """Sample N images per (sampler, steps) cell from MODEL and score them against real digits: a table of
     quality per model call, and a plot of it. Finished cells are kept in --out-dir; rerunning resumes."""
     from runtime.backends import open_model
@@ -220,7 +220,7 @@ def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: s
     if n < 2:
         raise DDPMError(f"{{opt:n}} must be >= 2 for a Frechet distance, got {n}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend = open_model(model, provider, precision=precision, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     if batch_size is not None and not 1 <= batch_size <= backend.batch_range[1]:
         raise DDPMError(f"{{opt:batch_size}} must lie in 1..{backend.batch_range[1]} for this model, got {batch_size}")
     chains = {(s, k): Chain.build(backend.info.diffusion, s, str(k), spacing=spacing if s in SOLVERS else None)

@@ -6,6 +6,7 @@ ddpm-eval) declares the shared options through the decorators below, so they par
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import click
 
 from runtime.backends import PRECISIONS, PROVIDERS
 from runtime.errors import DDPMError
+from runtime.progress import set_quiet
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -77,6 +79,26 @@ def backend_options(f: F) -> F:
     return provider_option()(precision_option(threads_option(f)))
 
 
+def model_argument(f: F) -> F:
+    """MODEL (a .onnx/.plan/.pt file, a diffusers folder, or the hub id of one in the local Hugging Face cache) and
+    the two options of PyTorch sources. The command receives `model` and `source_options`, the keyword arguments of
+    `runtime.backends.open_model` / `train.sources.load_source` that were given."""
+
+    @functools.wraps(f)
+    def command(*args: Any, flags: str | None = None, scheduler_config: Path | None = None, **kwargs: Any) -> Any:
+        options = {k: v for k, v in (("flags", flags), ("scheduler_config", scheduler_config)) if v is not None}
+        return f(*args, source_options=options, **kwargs)
+
+    command = click.option("--scheduler-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                           help="The scheduler config JSON of a bare diffusers UNet2DModel folder (any DDPM-family "
+                           "scheduler). Default: the pipeline's; none: DDPMScheduler's defaults.")(command)
+    command = click.option("--flags", default=None,
+                           help="improved-diffusion model and diffusion flags, as on their scripts' command line "
+                           "(\"--image_size 32 --num_channels 128 ...\") or a JSON file; marks MODEL as an "
+                           "improved-diffusion .pt.")(command)
+    return click.argument("model", type=click.Path(path_type=Path))(command)  # type: ignore[return-value]
+
+
 def require_suffix(path: Path, suffixes: tuple[str, ...], flag: str, what: str) -> None:
     """Refuse an output name whose extension promises another format than the one written."""
     if path.suffix.lower() not in suffixes:
@@ -96,11 +118,27 @@ def _flags(command: click.Command) -> dict[str, str]:
     return flags
 
 
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        set_quiet(True)
+
+
+def add_quiet(command: click.Command) -> click.Command:
+    """Give the command and every subcommand --quiet / -q (no progress bars), declared once here."""
+    for sub in getattr(command, "commands", {}).values():
+        add_quiet(sub)
+    if not any(p.name == "quiet" for p in command.params):
+        command.params.append(click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, is_eager=True,
+                                           callback=_quiet, help="No progress bars (TQDM_DISABLE=1 works too)."))
+    return command
+
+
 def run_cli(command: click.Command, prog_name: str, argv: list[str] | None = None,
             interrupted: str = "interrupted") -> None:
     """Run a click command as a console script: every user error (ours or click's usage errors) is one
     `error: ...` line on stderr and a non-zero exit status, never a traceback. Arguments a library message names
-    (`{opt:name}`) are shown as this command's flags."""
+    (`{opt:name}`) are shown as this command's flags. Every command takes --quiet."""
+    add_quiet(command)
     try:
         code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except DDPMError as exc:

@@ -273,11 +273,15 @@ def test_church_256_layout_exports_validates_and_samples(tmp_path):
 
 # --- sources that load, and refusals -----------------------------------------------------------------------------
 
-def test_bare_unet_folder_with_scheduler_config_and_bin_weights(tiny_pipeline, tmp_path):
+def test_bare_unet_folder_with_scheduler_config_and_bin_weights(tiny_pipeline, tmp_path, capsys):
     unet = UNet2DModel.from_pretrained(tiny_pipeline / "unet")
     unet.save_pretrained(tmp_path / "bare", safe_serialization=False)
     assert (tmp_path / "bare" / "diffusion_pytorch_model.bin").is_file()
-    assert load(tmp_path / "bare").diffusion == DiffusionConfig()  # no scheduler config: the paper's schedule
+    capsys.readouterr()
+    # no scheduler config: DDPMScheduler's defaults (fixed_small), said in one line
+    assert load(tmp_path / "bare").diffusion == DiffusionConfig(variance_type="fixed_small")
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "no scheduler config" in note[0] and "fixed_small" in note[0]
     (tmp_path / "sched.json").write_text(json.dumps({"_class_name": "DDPMScheduler", "beta_schedule":
                                                      "squaredcos_cap_v2", "num_train_timesteps": 4000,
                                                      "variance_type": "fixed_small", "clip_sample": False}))
@@ -314,7 +318,8 @@ def test_scheduler_betas_are_diffusers_betas():
     ({"variance_type": "fixed_small_log"}, "variance_type"),
     ({"variance_type": "fixed_large_log"}, "variance_type"),
     ({"variance_type": "learned_range"}, "outputs 3 channels"),  # a C-channel UNet has no v
-    ({"_class_name": "DDIMScheduler"}, "DDIMScheduler"),
+    ({"_class_name": "ScoreSdeVeScheduler"}, "ScoreSdeVeScheduler"),
+    ({"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous"}, "timestep_type"),
 ])
 def test_scheduler_options_we_cannot_serve_are_refused(tiny_pipeline, tmp_path, change, message):
     path = tmp_path / "scheduler_config.json"
@@ -383,3 +388,91 @@ def test_folders_we_cannot_serve_are_refused_in_one_line_and_nothing_is_written(
         assert len(err) == 1 and err[0].startswith("error: ") and word in err[0], (name, err)
         assert not out.exists(), name
     assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
+
+
+# --- every CLI takes a diffusers folder or a cached hub id; other schedulers; the way back -----------------------
+
+def _sample(model: Path | str, out: Path, *args: object) -> np.ndarray:
+    ddpm_run([str(model), "--n", "2", "--seed", "3", "--out", str(out), "--threads", "2", *map(str, args)])
+    return np.load(out)["samples"]
+
+
+def test_ddpm_run_on_a_diffusers_folder_equals_its_export(tiny_pipeline, tmp_path):
+    export = tmp_path / "export"
+    export_all(load_source(tiny_pipeline), export, fp16=False, step_graph=False, max_batch=2, validate=False,
+               engine=False)
+    for args in (("--sampler", "ddpm", "--steps", "8"), ("--steps", "6")):  # ancestral, and the default solver
+        eager = _sample(tiny_pipeline, tmp_path / f"eager{len(args)}.npz", *args)
+        graph = _sample(export / "model.onnx", tmp_path / f"onnx{len(args)}.npz", *args)
+        assert np.abs(eager - graph).max() <= 1e-4 and eager.std() > 0.1
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_pipelines_saved_with_other_schedulers_export_and_sample(scheduler, tmp_path):
+    import diffusers
+
+    cls = getattr(diffusers, scheduler)
+    folder = tmp_path / scheduler
+    DDPMPipeline(unet=make_unet(TINY), scheduler=cls(num_train_timesteps=500, beta_schedule="linear")) \
+        .save_pretrained(folder)
+    source = load_source(folder)
+    # the training schedule of the config; the variance diffusers' DDPMScheduler would use (fixed_small)
+    assert source.diffusion == DiffusionConfig(num_timesteps=500, beta_start=1e-4 * 500 / 1000,
+                                               beta_end=0.02 * 500 / 1000, variance_type="fixed_small")
+    written = export_all(source, tmp_path / "export", fp16=False, step_graph=False, max_batch=2, validate=True,
+                         engine=False)
+    samples = _sample(written["onnx"], tmp_path / "s.npz", "--steps", "5")
+    assert samples.shape == (2, 3, 16, 16) and np.isfinite(samples).all()
+
+
+def _cache_with(pipeline: Path, root: Path, repo: str = "acme/tiny-ddpm") -> Path:
+    """A Hugging Face hub cache holding `pipeline` as `repo` at revision main, laid out as huggingface_hub lays it."""
+    owner, name = repo.split("/")
+    entry = root / f"models--{owner}--{name}"
+    shutil.copytree(pipeline, entry / "snapshots" / "0123abcd")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0123abcd")
+    return root
+
+
+def test_a_hub_id_resolves_from_the_local_cache_only(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    from ddpm_export.cli import main as ddpm_export
+
+    cache = _cache_with(tiny_pipeline, tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert load_source("acme/tiny-ddpm").diffusion == load_source(tiny_pipeline).diffusion
+    np.testing.assert_array_equal(_sample("acme/tiny-ddpm", tmp_path / "hub.npz", "--steps", "4"),
+                                  _sample(tiny_pipeline, tmp_path / "folder.npz", "--steps", "4"))
+    ddpm_export(["acme/tiny-ddpm", "--no-fp16", "--no-step-graph", "--no-validate", "--max-batch", "2"])
+    assert (tmp_path / "tiny-ddpm-export" / "model.onnx").is_file()  # in the working folder, not in the cache
+    assert not list(cache.rglob("*export*"))
+    with pytest.raises(SystemExit) as exit_:
+        ddpm_run(["acme/absent", "--out", str(tmp_path / "x.npz")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a local path nor a model in the Hugging Face cache" in err[0]
+
+
+def test_to_diffusers_writes_a_pipeline_diffusers_loads_and_that_samples_like_ours(tmp_path):
+    from ddpm_export.cli import main as ddpm_export
+    from train.checkpoint import save_checkpoint
+
+    diffusion = DiffusionConfig(num_timesteps=200, variance_type="fixed_small", clip_range=1.0)
+    ckpt = save_checkpoint(tmp_path / "ours.pt", random_checkpoint("tiny", 3, 16, diffusion, seed=4))
+    out = tmp_path / "pipeline"
+    ddpm_export(["to-diffusers", str(ckpt), "--out", str(out)])
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert isinstance(pipeline.scheduler, DDPMScheduler) and pipeline.scheduler.config.variance_type == "fixed_small"
+    assert load_source(out).diffusion == diffusion  # the schedule round-trips exactly
+    ours = load_source(ckpt).module
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 150])
+    with torch.no_grad():
+        assert (pipeline.unet(x, t).sample - ours(x, t)).abs().max() <= 1e-5
+    np.testing.assert_allclose(_sample(out, tmp_path / "theirs.npz", "--sampler", "ddpm", "--steps", "10"),
+                               _sample(ckpt, tmp_path / "ours.npz", "--sampler", "ddpm", "--steps", "10"),
+                               rtol=0, atol=1e-4)
+    with pytest.raises(SystemExit) as again:  # an existing folder is kept unless --force
+        ddpm_export(["to-diffusers", str(ckpt), "--out", str(out)])
+    assert again.value.code == 2

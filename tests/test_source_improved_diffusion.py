@@ -259,3 +259,16 @@ def test_export_cli_refuses_with_one_line(tmp_path: Path, capsys: pytest.Capture
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_their_weights_without_flags_get_a_hint_naming_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             state: dict[str, torch.Tensor]) -> None:
+    from runtime.run.cli import main
+
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--out", str(tmp_path / "s.npz")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and "improved-diffusion" in lines[0] and "--flags" in lines[0]
+    assert not (tmp_path / "s.npz").exists()

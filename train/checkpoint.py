@@ -89,7 +89,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DDPMError(f"{path} is not a readable ddpm-deploy checkpoint ({first[:120]}); "
                         "pass a .pt file written by ddpm-train") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise DDPMError(f"{path} is not a ddpm-deploy checkpoint (no '{FORMAT}' marker); "
+        hint = (" (a bare state dict: an improved-diffusion checkpoint? give its training flags with {opt:flags})"
+                if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()) else "")
+        raise DDPMError(f"{path} is not a ddpm-deploy checkpoint (no '{FORMAT}' marker){hint}; "
                         "pass a .pt file written by ddpm-train")
     if raw.get("format_version") != FORMAT_VERSION:
         raise DDPMError(f"{path} has checkpoint format version {raw.get('format_version')}, this tool reads "

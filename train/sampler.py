@@ -13,9 +13,9 @@ from typing import Callable, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from runtime.errors import DDPMError
+from runtime.progress import progress as progress_bar
 from runtime.images import save_grid
 from runtime.sampling.noise import SeededNoise
 from runtime.sampling import Chain
@@ -55,7 +55,7 @@ def sample(model: torch.nn.Module, schedule: Schedule, shape: tuple[int, ...], v
     draw = _noise_source(noise, K, tuple(shape))
     coeffs = DDPMCoefficients.tables(schedule, variance_type)
     x = torch.as_tensor(draw(0, tuple(shape)), dtype=torch.float32).to(device)
-    for j, k in enumerate(tqdm(range(K - 1, -1, -1), desc="sample", unit="step", disable=not progress)):
+    for j, k in enumerate(progress_bar(range(K - 1, -1, -1), desc="sample", unit="step", show=progress)):
         t = torch.full((shape[0],), int(schedule.timesteps[k]), dtype=torch.long, device=device)
         eps, v = split_output(model(x, t), shape[1])
         z = torch.as_tensor(draw(1 + j, tuple(shape)), dtype=torch.float32).to(device)

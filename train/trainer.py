@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from runtime.errors import DDPMError
 from runtime.sampling.schedule import DiffusionConfig, Schedule
+from runtime.progress import progress
 from runtime.sampling.steps import q_sample
 from runtime.errors import NonFiniteError
 from train.checkpoint import Checkpoint
@@ -194,8 +194,8 @@ class Trainer:
     def train(self, until: int, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Run steps until `self.step == until`, with a tqdm bar (loss, it/s) on rank 0; returns the losses."""
         losses = []
-        with tqdm(total=until, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main,
-                  dynamic_ncols=True) as bar:
+        with progress(total=until, initial=self.step, desc="train", unit="step", show=self.dist.is_main,
+                      dynamic_ncols=True) as bar:
             while self.step < until:
                 losses.append(self.train_step(until))
                 bar.update(1)

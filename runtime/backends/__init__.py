@@ -8,6 +8,7 @@ lazily, so `runtime` imports with NumPy and ONNX Runtime alone.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,8 +62,8 @@ class EpsBackend:
 
 def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str = "auto",
                cuda_graph: bool = False, threads: int = 0, **source_options: Any) -> Backend:
-    """Open `.onnx` (ONNX Runtime), `.plan`/`.engine` (TensorRT, GPU), or, eagerly in PyTorch (needs torch), a `.pt`
-    or a diffusers folder (`train.sources`).
+    """Open `.onnx` (ONNX Runtime), `.plan`/`.engine` (TensorRT, GPU), or, eagerly in PyTorch (needs torch), a `.pt`,
+    a diffusers folder or a hub id of one in the local Hugging Face cache (`train.sources`).
 
     provider: "cpu" or "cuda". precision "auto" picks the FP16 sibling graph on CUDA when one was exported.
     cuda_graph: capture a CUDA graph per batch shape (ONNX Runtime CUDA only). threads: CPU threads, 0 = default.
@@ -73,7 +74,7 @@ def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str
         raise DDPMError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     if precision not in PRECISIONS:
         raise DDPMError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if path.is_dir():  # a diffusers folder
+    if path.is_dir() or is_hub_id(path):  # a diffusers folder, or a hub id of one in the local cache
         from runtime.backends.eager_backend import EagerBackend
 
         return EagerBackend(path, provider, threads=threads, **source_options)
@@ -98,3 +99,16 @@ def open_model(path: str | os.PathLike, provider: str = "cpu", *, precision: str
         return EagerBackend(path, provider, threads=threads, **source_options)
     raise DDPMError(f"unknown model file type {path.suffix or '(none)'!r} for {path.name}; pass a .onnx, .plan or "
                     ".pt file or a diffusers folder")
+
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".plan", ".engine", ".npz", ".json")
+
+
+def is_hub_id(text: str | os.PathLike) -> bool:
+    """owner/name[@revision] of a Hugging Face model: not an existing path, not a model file's name. Such a model is
+    opened eagerly from the local Hugging Face cache (`train.sources.hub`), never downloaded."""
+    text = str(text)
+    return (bool(_HUB_ID.match(text)) and not Path(text).exists()
+            and not text.partition("@")[0].lower().endswith(MODEL_FILE_SUFFIXES))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from runtime.backends import open_model
-from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, backend_options, choice, force_option, require_suffix,
-                                run_cli, seed_option)
+from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, backend_options, choice, force_option, model_argument,
+                                require_suffix, run_cli, seed_option)
 from runtime.errors import DDPMError, NonFiniteError
 from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
@@ -24,7 +25,7 @@ PROGRESSIVE_ROWS = 8  # images shown by --progressive
 
 @click.command(context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-run")
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@model_argument
 @click.option("--n", "n", type=POSITIVE, default=64, show_default=True, help="Number of images.")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
               "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps for ddpm and ddim, "
@@ -58,8 +59,8 @@ PROGRESSIVE_ROWS = 8  # images shown by --progressive
 def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: str | None, eta: float | None,
         variance_type: str | None, clip: bool | None, seed: int, batch_size: int | None, out: Path,
         grid: Path | None, provider: str, precision: str, cuda_graph: bool, threads: int, noise_file: Path | None,
-        noise_out: Path | None, force: bool, progressive: int | None) -> None:
-    """Sample --n images from MODEL (.onnx, .plan or .pt) and write them to --out (and --grid).
+        noise_out: Path | None, force: bool, progressive: int | None, source_options: dict[str, Any]) -> None:
+    """Sample --n images from MODEL (.onnx, .plan, .pt, a diffusers folder or hub id) and write them to --out (and --grid).
 
     Samples go to disk batch by batch (<out>.partial/, one batch in memory); rerunning a killed command resumes it
     with identical results. A run that cannot fit the disk is refused before sampling."""
@@ -74,7 +75,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
     require_suffix(out, (".npz",), "--out", "an npz archive (arr_0 and samples)")
     if noise_out is not None:
         require_suffix(noise_out, (".npy",), "--save-noise", "a .npy array")
-    backend = open_model(model, provider, precision=precision, cuda_graph=cuda_graph, threads=threads)
+    backend = open_model(model, provider, precision=precision, cuda_graph=cuda_graph, threads=threads,
+                         **source_options)
     chain = Chain.build(backend.info.diffusion, sampler or default_sampler(backend.info.kind), steps, eta,
                         variance_type, clip, spacing)
     shape = backend.info.image_shape
@@ -121,6 +123,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
 def _run_key(model: Path, backend: str, chain: Chain, seed: int, noise_file: Path | None) -> dict[str, object]:
     """What a partial run must share with the command that resumes it."""
     def ident(path: Path) -> list[object]:
+        if not path.exists():  # a hub id: the backend's description names what it resolved to
+            return [str(path)]
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 

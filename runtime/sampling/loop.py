@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from runtime.errors import DDPMError, NonFiniteError
 from runtime.finite import all_finite
+from runtime.progress import progress as progress_bar
 from runtime.resources import require_memory
 from runtime.sampling.chain import Chain
 from runtime.sampling.noise import InjectedNoise, NoiseSource, PrefetchedNoise, SeededNoise
@@ -84,7 +84,7 @@ def sample_batches(model: Any, chain: Chain, n: int, *, image_shape: tuple[int, 
 
 def _batches(stepper: Stepper, chain: Chain, starts: range, n: int, shape: tuple[int, ...], seed: int,
              noise: np.ndarray | None, progress: bool, overlap_noise: bool) -> Iterator[tuple[int, np.ndarray]]:
-    with tqdm(total=len(chain) * len(starts), desc="sampling", unit="step", disable=not progress) as bar:
+    with progress_bar(total=len(chain) * len(starts), desc="sampling", unit="step", show=progress) as bar:
         for start in starts:
             b = min(starts.step, n - start)
             source = InjectedNoise(noise, start, b) if noise is not None else SeededNoise(seed, start, b, shape)

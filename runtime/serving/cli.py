@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from runtime.backends import open_model
-from runtime.cli_common import CONTEXT, FINITE, backend_options, choice, run_cli
+from runtime.cli_common import CONTEXT, FINITE, backend_options, choice, model_argument, run_cli
 from runtime.errors import DDPMError
 from runtime.sampling import DEFAULT_SAMPLER, SAMPLERS, default_sampler
 from runtime.sampling.schedule import SPACINGS
@@ -19,7 +20,7 @@ from runtime.serving.server import check_port, import_pytriton, serve
 
 @click.command(context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-serve")
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@model_argument
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
@@ -41,7 +42,8 @@ from runtime.serving.server import check_port, import_pytriton, serve
               help="Write Triton's log there instead of stdout (PyTriton keeps a copy of stdout logs in memory).")
 def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, max_batch: int | None,
         queue_delay_us: int, provider: str, precision: str, threads: int, sampler: str | None, steps: str | None,
-        spacing: str | None, eta: float | None, model_name: str, verbose: bool, log_file: Path | None) -> None:
+        spacing: str | None, eta: float | None, model_name: str, verbose: bool, log_file: Path | None,
+        source_options: dict[str, Any]) -> None:
     """Serve MODEL (.onnx, .plan or .pt) on Triton; stop with Ctrl-C or SIGTERM."""
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for flag, port in ports.items():
@@ -57,7 +59,7 @@ def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: in
         raise DDPMError(f"--log-file {log_file}: folder {log_file.parent} does not exist; create it first")
     import_pytriton()  # a missing extra is reported before the model is loaded
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
-    backend = open_model(model, provider, precision=precision, threads=threads)
+    backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     lo, hi = backend.batch_range
     max_batch = max_batch if max_batch is not None else max(lo, min(64, hi))
     if not lo <= max_batch <= hi:

@@ -48,10 +48,15 @@ class SourceModel:
 def load_source(path: str | os.PathLike, *, scheduler_config: str | os.PathLike | None = None,
                 flags: str | os.PathLike | dict[str, Any] | None = None) -> SourceModel:
     """Open any supported model: a folder is diffusers (pipeline or bare UNet2DModel, `scheduler_config` for the
-    latter); a file with `flags` is an improved-diffusion state dict; any other file is a ddpm-train checkpoint."""
+    latter); a file with `flags` is an improved-diffusion state dict; any other file is a ddpm-train checkpoint; a
+    hub id (owner/name) is a diffusers folder found in the local Hugging Face cache (`train.sources.hub`)."""
+    from train.sources import hub
+
+    if hub.is_hub_id(path):
+        path = hub.resolve(str(path))
     path = Path(path)
     if not path.exists():
-        raise DDPMError(f"model {path} not found; pass a ddpm-train .pt, a diffusers folder or an "
+        raise DDPMError(f"model {path} not found; pass a ddpm-train .pt, a diffusers folder or hub id, or an "
                         "improved-diffusion .pt with {opt:flags}")
     if path.is_dir():
         if flags is not None:

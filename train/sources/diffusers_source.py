@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,23 @@ from train.sources import SourceModel
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 SCHEDULER_FILE = "scheduler_config.json"
-SCHEDULER_CLASS = "DDPMScheduler"
 PIPELINE_PARTS = ("unet", "scheduler")
-# DDPMScheduler's defaults, for keys a config file leaves out.
+# Schedulers whose config describes a DDPM-family discrete training schedule. Their num_train_timesteps, betas and
+# prediction_type define what the model learned; their other keys choose how to sample, which our rules do instead.
+DISCRETE_SCHEDULERS = (
+    "DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler", "PNDMScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "SASolverScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
+)
+# DDPMScheduler's defaults, for keys a config leaves out (its variance_type too, for schedulers without one).
 SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-    "prediction_type": "epsilon", "thresholding": False, "rescale_betas_zero_snr": False,
+    "prediction_type": "epsilon", "thresholding": False, "rescale_betas_zero_snr": False, "timestep_type": "discrete",
 }
-PAPER = DiffusionConfig()  # the DDPM paper's schedule: linear 1e-4..0.02, T 1000, fixed_large, clip on
+# Keys that change the model or its sampling in ways we do not reproduce, with the value that is fine.
+REFUSED = {"thresholding": False, "rescale_betas_zero_snr": False, "trained_betas": None, "timestep_type": "discrete"}
 
 
 class DiffusersEps(torch.nn.Module):
@@ -56,22 +65,21 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def diffusion_from_scheduler(config: dict[str, Any], where: str = "scheduler config") -> DiffusionConfig:
-    """Our DiffusionConfig for a DDPMScheduler config, giving the same betas, variance and clipping; options that
-    change sampling in ways we do not reproduce are refused."""
-    cls = config.get("_class_name", SCHEDULER_CLASS)
-    if cls != SCHEDULER_CLASS:
-        raise DDPMError(f"{where} is a {cls}; only DDPMScheduler configs are read. Pass {{opt:scheduler_config}} FILE "
-                        "with the model's DDPMScheduler config")
+    """Our DiffusionConfig for any DDPM-family discrete scheduler config (DDPM, DDIM, PNDM, DPM-Solver, UniPC,
+    Euler, ...): the same betas, variance (the config's where it has one, else DDPMScheduler's fixed_small) and
+    clipping. Anything that we could not reproduce is refused with the key that says so."""
+    cls = config.get("_class_name", "DDPMScheduler")
+    if cls not in DISCRETE_SCHEDULERS:
+        raise DDPMError(f"{where} is a {cls}, not a DDPM-family discrete-time scheduler; pass "
+                        "{opt:scheduler_config} FILE with the config the model was trained with (e.g. DDPMScheduler)")
     c = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in SCHEDULER_DEFAULTS}}
+    if c["variance_type"] is None:  # solvers' configs say None where the model predicts no variance
+        c["variance_type"] = SCHEDULER_DEFAULTS["variance_type"]
     if c["prediction_type"] != "epsilon":
         raise DDPMError(f"{where}: prediction_type {c['prediction_type']!r} is not supported; only epsilon models")
-    if c["thresholding"]:
-        raise DDPMError(f"{where}: dynamic thresholding is not supported; set thresholding false to clip instead")
-    if c["trained_betas"] is not None:
-        raise DDPMError(f"{where}: trained_betas (an explicit beta table) is not supported; use a linear or "
-                        "squaredcos_cap_v2 beta_schedule")
-    if c["rescale_betas_zero_snr"]:
-        raise DDPMError(f"{where}: rescale_betas_zero_snr is not supported")
+    for key, fine in REFUSED.items():
+        if c[key] != fine:
+            raise DDPMError(f"{where}: {key} = {c[key]!r} is not supported (we reproduce {key} = {fine!r} only)")
     if c["variance_type"] not in VARIANCE_TYPES:
         raise DDPMError(f"{where}: variance_type {c['variance_type']!r} is not supported; use one of "
                         f"{', '.join(VARIANCE_TYPES)}")
@@ -81,7 +89,7 @@ def diffusion_from_scheduler(config: dict[str, Any], where: str = "scheduler con
         betas = {"schedule": "linear", "beta_start": float(c["beta_start"]) * T / 1000.0,
                  "beta_end": float(c["beta_end"]) * T / 1000.0}
     elif c["beta_schedule"] == "squaredcos_cap_v2":  # Improved DDPM's cosine, betas capped at 0.999: ours
-        betas = {"schedule": "cosine", "beta_start": PAPER.beta_start, "beta_end": PAPER.beta_end}
+        betas = {"schedule": "cosine"}
     else:
         raise DDPMError(f"{where}: beta_schedule {c['beta_schedule']!r} is not supported; use linear or "
                         "squaredcos_cap_v2")
@@ -107,11 +115,11 @@ def _locate(path: Path, scheduler_config: str | os.PathLike | None) -> tuple[Pat
         unet_dir = path / "unet"
         if scheduler_config is None:
             scheduler = _read_json(path / "scheduler" / SCHEDULER_FILE,
-                                   "the pipeline's scheduler config (or pass --scheduler-config FILE)")
+                                   "the pipeline's scheduler config (or pass {opt:scheduler_config} FILE)")
     else:
         unet_dir = path
     if scheduler_config is not None:
-        scheduler = _read_json(Path(scheduler_config), "give the model's DDPMScheduler config JSON")
+        scheduler = _read_json(Path(scheduler_config), "give the model's scheduler config JSON")
     if not (unet_dir / "config.json").is_file():
         raise DDPMError(f"{unet_dir} has no config.json; a diffusers model folder needs config.json and "
                         "diffusion_pytorch_model.safetensors (or .bin)")
@@ -184,7 +192,11 @@ def load(path: str | os.PathLike, scheduler_config: str | os.PathLike | None = N
     unet_dir, scheduler, provenance = _locate(path, scheduler_config)
     unet_config = _read_json(unet_dir / "config.json", "a diffusers model folder needs it")
     _check_unet_config(unet_config, unet_dir)
-    diffusion = PAPER if scheduler is None else diffusion_from_scheduler(scheduler)
+    if scheduler is None:
+        print(f"note: {path} has no scheduler config; using DDPMScheduler's defaults (linear betas 1e-4..0.02 over "
+              "1000 steps, fixed_small variance, clipping on); give its scheduler config if it was trained otherwise",
+              file=sys.stderr)
+    diffusion = diffusion_from_scheduler(scheduler or {}, str(scheduler_config or path))
     weights = _weights_file(unet_dir)
     unet = _load_unet(unet_dir, weights)
 
@@ -198,7 +210,7 @@ def load(path: str | os.PathLike, scheduler_config: str | os.PathLike | None = N
         raise DDPMError(f"the UNet outputs {c_out} channels for {c_in} input channels, but variance_type "
                         f"{diffusion.variance_type} needs {want}; the scheduler config does not fit the model")
     provenance.update(model_class="UNet2DModel",
-                      scheduler_class=SCHEDULER_CLASS if scheduler is not None else "none (DDPM paper schedule)",
+                      scheduler_class=str((scheduler or {}).get("_class_name", "none (DDPMScheduler defaults)")),
                       weights_file=weights.name)
     return SourceModel(module=DiffusersEps(unet).eval(), diffusion=diffusion, image_shape=(c_in, h, w),
                        source="diffusers", sha256=file_sha256(weights), provenance=provenance)

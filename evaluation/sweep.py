@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from runtime.sampling import SOLVERS
 
 SWEEP_SAMPLERS = ("ddpm", "ddim") + SOLVERS
 DEFAULT_STEPS = "10,20,50,100,250,1000"
-COLOURS = {"ddpm": (31, 119, 180), "ddim": (255, 127, 14), "dpm++2m": (44, 160, 44), "sde-dpm++2m": (214, 39, 40),
-           "unipc": (148, 103, 189)}
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -133,11 +130,16 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)) -> None:
-    """Quality (FD, lower is better) against model calls on a log axis, one line per sampler, the noise floor
-    dashed; drawn with Pillow (no plotting library in the runtime)."""
-    from PIL import Image, ImageDraw
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Quality (FD, lower is better) against model calls on a log axis, one line per sampler, the real-data noise
+    floor dashed (matplotlib, the eval extra)."""
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        raise DDPMError("the sweep plot needs matplotlib: pip install 'ddpm-deploy[eval]'") from None
     cells = results["cells"]
     first = results["settings"]["seeds"][0]
     points = {s: sorted((r["steps"], r["fd"]) for r in cells if r["sampler"] == s and r["seed"] == first)
@@ -145,47 +147,20 @@ def plot(results: dict[str, Any], path: Path, size: tuple[int, int] = (760, 480)
     points = {s: p for s, p in points.items() if p}
     if not points:
         raise DDPMError("no finished cells to plot")
-    floor = [r["fd"] for r in results["floor"]]
-    calls = [c for p in points.values() for c, _ in p]
-    x_lo, x_hi = 10 ** math.floor(math.log10(min(calls))), 10 ** math.ceil(math.log10(max(calls)))
-    y_hi = max([fd for p in points.values() for _, fd in p] + floor) * 1.1
-    w, h = size
-    left, right, top, bottom = 70, 150, 20, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-
-    def xy(c: float, fd: float) -> tuple[float, float]:
-        fx = (math.log10(c) - math.log10(x_lo)) / (math.log10(x_hi) - math.log10(x_lo))
-        return left + fx * (w - left - right), h - bottom - fd / y_hi * (h - top - bottom)
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for e in range(round(math.log10(x_lo)), round(math.log10(x_hi)) + 1):
-        x, _ = xy(10 ** e, 0)
-        draw.line([x, h - bottom, x, h - bottom + 5], fill="black")
-        draw.text((x - 12, h - bottom + 8), f"{10 ** e:g}", fill="black")
-    y_step = 10 ** math.floor(math.log10(y_hi / 2))
-    for v in np.arange(0, y_hi, y_step if y_hi / y_step <= 10 else 2 * y_step):
-        _, y = xy(x_lo, v)
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((left - 40, y - 6), f"{v:g}", fill="black")
-    draw.text(((left + w - right) / 2 - 60, h - 22), "model calls (log scale)", fill="black")
-    draw.text((8, top), "FD", fill="black")
-    if floor:
-        _, y = xy(x_lo, floor[0])
-        for x in range(left, w - right, 12):
-            draw.line([x, y, min(x + 6, w - right), y], fill="gray")
-        draw.text((w - right + 8, y - 6), "real digits", fill="gray")
-    for i, (sampler, p) in enumerate(points.items()):
-        colour = COLOURS[sampler]
-        line = [xy(c, fd) for c, fd in p]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.line([w - right + 8, top + 20 + 18 * i, w - right + 28, top + 20 + 18 * i], fill=colour, width=3)
-        draw.text((w - right + 32, top + 14 + 18 * i), sampler, fill="black")
+    figure, axes = pyplot.subplots(figsize=(7.6, 4.8), dpi=100)
+    for sampler, p in points.items():
+        axes.plot(*zip(*p), marker="o", label=sampler)
+    if results["floor"]:
+        axes.axhline(results["floor"][0]["fd"], color="gray", linestyle="--", label="real digits (noise floor)")
+    axes.set_xscale("log")
+    axes.set_xlabel("model calls (log scale)")
+    axes.set_ylabel("FD (digit classifier features)")
+    axes.set_ylim(bottom=0)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -253,3 +253,14 @@ def test_sweep_scores_cells_resumes_and_plots(tiny_checkpoint, tmp_path, capsys)
         eval_main(["sweep", str(tiny_checkpoint), "--ref", "mnist", "--cell", "dpm++2m:2", "--out-dir",
                    str(tmp_path / "x")])
     assert "at least 3 steps" in capsys.readouterr().err
+
+
+def test_sweep_with_one_power_of_ten_cell_plots(tiny_checkpoint, tmp_path, capsys):
+    """One call count that is a power of ten (a degenerate log axis for a hand-drawn plot) still plots."""
+    from evaluation.cli import main as eval_main
+
+    out = tmp_path / "sweep"
+    eval_main(["sweep", str(tiny_checkpoint), "--ref", "mnist", "--cell", "ddim:10", "--n", "8", "--seeds", "0",
+               "--threads", "1", "--out-dir", str(out)])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Traceback" not in capsys.readouterr().err

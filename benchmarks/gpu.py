@@ -73,58 +73,12 @@ def prepare(work: Path, preset: str = "cifar10", image_size: int = 32) -> tuple[
     return ckpt, graphs[0]
 
 
-def _drop_float_casts(graph) -> None:  # type: ignore[no-untyped-def]
-    """Remove the unnamed Cast-to-float nodes the optimizer puts before each NhwcConv: no-ops in an FP32 graph, but
-    the FP16 converter would retype their outputs to float16 and leave `to=float`, which no runtime loads."""
-    import onnx
-
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    drop = [n for n in graph.node if n.op_type == "Cast" and not n.name
-            and next(a.i for a in n.attribute if a.name == "to") == onnx.TensorProto.FLOAT
-            and all(c.op_type == "NhwcConv" for c in consumers.get(n.output[0], []))]
-    for cast in drop:
-        for c in consumers.get(cast.output[0], []):
-            c.input[:] = [cast.input[0] if i == cast.output[0] else i for i in c.input]
-        graph.node.remove(cast)
-
-
 def fused_export(export: Path) -> Path:
-    """FP16 eps and step graphs with ONNX Runtime's CUDA fusions (an experiment, not a ddpm-export output yet).
+    """The fused FP16 graphs of `ddpm-export --fuse` (`ddpm_export.fuse`), made once; returns the fused eps graph."""
+    from ddpm_export.fuse import FUSED_DIR, fuse_export
 
-    onnxruntime.transformers' `unet` optimizer turns each GroupNorm pattern (+ SiLU) into one GroupNorm or
-    SkipGroupNorm contrib op and each Conv into an NHWC conv; the profile of the plain graph shows the many small
-    normalisation and elementwise kernels between the convolutions costing more than the convolutions. The FP32
-    graphs are fused first (our FP16 graph keeps normalisations in float32 behind Casts, which hides the pattern),
-    then converted with ddpm-export's own FP16 rules. The contrib ops run on CUDA only. Returns the fused FP16 eps
-    graph (its step graph lies beside it).
-    """
-    import onnx
-    from onnxruntime.transformers import optimizer
-    from onnxruntime.transformers.fusion_options import FusionOptions
-
-    from ddpm_export.fp16 import convert_to_fp16
-
-    out = export.parent / f"{export.name}-fused"
-    out.mkdir(exist_ok=True)
-    for fp32, fp16 in (("model.onnx", "model.fp16.onnx"), ("model.step.onnx", "model.fp16.step.onnx")):
-        if (out / fp16).exists():
-            continue
-        fused = optimizer.optimize_model(str(export / fp32), model_type="unet", opt_level=0, use_gpu=True,
-                                         optimization_options=FusionOptions("unet")).model
-        _drop_float_casts(fused.graph)
-        if not any(o.domain == "com.microsoft" for o in fused.opset_import):
-            fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        for i, node in enumerate(fused.graph.node):  # the FP16 rules address nodes by name
-            node.name = node.name or f"fused_{node.op_type}_{i}"
-        half = convert_to_fp16(fused)
-        plain = onnx.load(str(export / fp16), load_external_data=False)  # metadata as the plain FP16 graph has it
-        del half.metadata_props[:]
-        half.metadata_props.extend(plain.metadata_props)
-        onnx.save(half, str(out / fp16))
-    return out / "model.fp16.onnx"
+    fused = export / FUSED_DIR / "model.fp16.onnx"
+    return fused if fused.is_file() else fuse_export(export, validate=True)["fused_eps"]
 
 
 def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:

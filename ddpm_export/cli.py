@@ -55,9 +55,11 @@ def _batch_options(f):
 @click.option("--engine/--no-engine", default=None,
               help="build the TensorRT engine: --engine requires it, --no-engine skips it  [default: if possible]")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="check the graphs numerically")
+@click.option("--fuse", is_flag=True, help="also write FP16 graphs fused by ONNX Runtime's unet optimizer into "
+              "<out-dir>/fused/ (CUDA only; validated there against FP32 when onnxruntime has CUDA)")
 @force_option("Overwrite existing outputs.")
 def export_cmd(model: Path, out_dir: Path | None, fp16: bool, step_graph: bool, opset: int, max_batch: int,
-               min_batch: int, opt_batch: int | None, engine: bool | None, validate: bool, force: bool,
+               min_batch: int, opt_batch: int | None, engine: bool | None, validate: bool, fuse: bool, force: bool,
                source_options: dict[str, Any]) -> None:
     """Export MODEL: a .pt written by ddpm-train, a diffusers folder (pipeline or UNet2DModel) or the hub id of one in
     the local Hugging Face cache, or an improved-diffusion .pt with --flags."""
@@ -72,9 +74,17 @@ def export_cmd(model: Path, out_dir: Path | None, fp16: bool, step_graph: bool, 
     written = export_all(source, out_dir or default_dir, fp16=fp16, step_graph=step_graph,
                          max_batch=max_batch, opset=opset, validate=validate, engine=engine, force=force,
                          min_batch=min_batch, opt_batch=opt_batch)
+    if fuse:
+        from ddpm_export.fuse import fuse_export
+
+        written.update(fuse_export(out_dir or default_dir, validate=validate, max_batch=min(max_batch, 4)))
     for key, path in written.items():
-        click.echo(f"{key:>10}: {path}")
+        click.echo(f"{key:>16}: {path}")
     click.echo(_verdict(written.get("validation")))
+    if "fused_validation" in written:
+        report = json.loads(written["fused_validation"].read_text())
+        click.echo("fused graphs: " + ("validated on CUDA: " + ("passed" if report["passed"] else "FAILED")
+                                       if report["passed"] is not None else report["reason"]))
 
 
 def _verdict(report_path: Path | None) -> str:

@@ -207,3 +207,26 @@ def validate_export(info: ModelInfo, model: torch.nn.Module, onnx_path: Path, fp
 def failures(report: dict[str, Any]) -> list[str]:
     """'case/check' names that failed, for the one-line error."""
     return [f"{c['name']}/{check}" for c in report["cases"] for check, r in c["results"].items() if not r["passed"]]
+
+
+def validate_fused(info_path: Path, fused_path: Path, max_batch: int, tol: Tolerances = Tolerances()) -> dict[str, Any]:
+    """The fused FP16 eps graph against the FP32 graph, both on ONNX Runtime's CUDA provider (the fused contrib ops
+    run nowhere else), with the FP16 tolerances; without that provider the report says it was not run."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"passed": None, "reason": "not validated: needs onnxruntime-gpu and a CUDA GPU (the fused ops run on "
+                                          "CUDA only)"}
+    from ddpm_export.onnx_io import load_onnx, read_info
+
+    info = read_info(load_onnx(info_path), str(info_path))
+    cases, feeds = make_cases(info, max_batch)
+    runners = [OnnxrtRunner(open_session(info_path, "cuda"), name="onnxrt-cuda-fp32"),
+               OnnxrtRunner(open_session(fused_path, "cuda"), name="onnxrt-cuda-fused-fp16")]
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        for case, feed in zip(cases, feeds):
+            results = Comparator.run(runners, data_loader=[{"x_t": feed["x_t"], "t": feed["t"]}])
+            for name in info.outputs:
+                case.results[f"fused_vs_fp32_{name}"] = _fp16_accuracy(
+                    results, (0, 1), ("onnxrt-cuda-fused-fp16", "onnxrt-cuda-fp32"), name, tol)
+    return {"passed": all(r["passed"] for c in cases for r in c.results.values()), "tolerances": asdict(tol),
+            "cases": [asdict(c) for c in cases]}
+

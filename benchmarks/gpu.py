@@ -3,8 +3,11 @@
     python benchmarks/gpu.py [--steps 1000] [--batches 1,8,64] [--work DIR]
 
 Rows: eager PyTorch CUDA FP32, PyTorch CUDA autocast FP16, ONNX Runtime CUDA FP32, ONNX Runtime CUDA FP16, FP16
-with a captured CUDA graph, and (an experiment) FP16 + graph on graphs fused by ONNX Runtime's `unet` optimizer
-(GroupNorm+SiLU and NHWC conv contrib ops). The ONNX Runtime rows use the runtime's device-resident step graph when
+with a captured CUDA graph, FP16 + graph on the graphs of `ddpm-export --fuse` (ONNX Runtime's `unet` optimizer:
+GroupNorm+SiLU and NHWC conv contrib ops), and, at the first batch size, the peer a user would pick instead:
+torch.compile(mode="max-autotune") with CUDA graphs, FP16 autocast and FP32, through the same loop, its compile
+time reported apart. Last, the batch-invariance figures: image i's max |difference| between batch sizes (same
+seed) and between ONNX Runtime CUDA FP32 and eager CUDA FP32. The ONNX Runtime rows use the runtime's device-resident step graph when
 the chain is the full DDPM chain (x_t never leaves the GPU; only t and the host-drawn noise are copied in per step).
 Reports images/s, per-step latency, achieved TFLOP/s (12.44 GFLOP per image per forward) and its share of the FP16
 matmul rate measured here with torch, and for the runtime rows the share of wall time the host spends outside the
@@ -81,8 +84,10 @@ def fused_export(export: Path) -> Path:
     return fused if fused.is_file() else fuse_export(export, validate=True)["fused_eps"]
 
 
-def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
-    """Wall seconds of one chain with the eager reference sampler (tensors stay on the GPU)."""
+def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool,
+               compile_mode: str | None = None) -> tuple[float, np.ndarray, float]:
+    """Wall seconds of one chain with the eager reference sampler (tensors stay on the GPU), its samples (seed 0),
+    and the seconds the warm-up took (with `compile_mode`: torch.compile's compilation, reported apart)."""
     import torch
 
     from runtime.sampling.noise import SeededNoise
@@ -92,18 +97,21 @@ def time_eager(ckpt: Path, batch: int, steps: int, autocast: bool) -> float:
 
     loaded = load_checkpoint(ckpt)
     model = loaded.ema_model("cuda")
+    if compile_mode is not None:  # the peer a user would pick: PyTorch's own compiler (CUDA graphs in max-autotune)
+        model = torch.compile(model, mode=compile_mode, fullgraph=True)
     chain = Chain.build(loaded.diffusion_config, "ddpm", str(steps))
     size = loaded.model_config.image_size
     shape = (batch, 3, size, size)
     source = SeededNoise(0, 0, batch, shape[1:])
     with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=autocast):
-        for _ in range(3):  # warm-up: cuDNN algorithm selection
+        warm = time.perf_counter()
+        for _ in range(3):  # warm-up: cuDNN algorithm selection, or compilation and CUDA graph capture
             model(torch.zeros(shape, device="cuda"), torch.zeros(batch, dtype=torch.long, device="cuda"))
         torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(model, chain.schedule, shape, chain.variance_type, chain.clip, lambda i, s: source.draw())
+        x = sample(model, chain.schedule, shape, chain.variance_type, chain.clip, lambda i, s: source.draw())
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, x.float().cpu().numpy(), start - warm
 
 
 def time_onnxruntime(onnx_path: Path, batch: int, steps: int, precision: str,
@@ -174,10 +182,21 @@ def main(steps: int, batches: str, work: Path | None) -> None:
         except Exception as exc:  # the experiment must not cost the measured rows
             fused = None
             click.echo(f"fused graphs not made ({type(exc).__name__}: {str(exc)[:300]}); that row is skipped")
+        finals: dict[tuple[str, int], np.ndarray] = {}  # (row name, batch) -> samples, for batch invariance
+
+        def torch_row(name: str, batch: int, autocast: bool, mode: str | None = None) -> None:
+            try:
+                seconds, finals[(name, batch)], warm = time_eager(ckpt, batch, steps, autocast, mode)
+            except Exception as exc:  # a failing row (a compile) must not cost the rest
+                click.echo(f"{name:<26} {batch:>5} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                return
+            row(name, batch, steps, seconds, None,
+                "eager" if mode is None else f"{mode} + CUDA graphs; compiling took {warm:.0f} s")
+
         for i, batch in enumerate(sizes):
             samples: dict[str, np.ndarray] = {}  # per row name, at this batch size
-            row("torch eager FP32", batch, steps, time_eager(ckpt, batch, steps, False), None, "eager")
-            row("torch autocast FP16", batch, steps, time_eager(ckpt, batch, steps, True), None, "eager")
+            torch_row("torch eager FP32", batch, False)
+            torch_row("torch autocast FP16", batch, True)
             for name, graph_path, precision, graph in (
                     ("ORT CUDA FP32", onnx_path, "fp32", False), ("ORT CUDA FP16", onnx_path, "fp16", False),
                     ("ORT CUDA FP16 + graph", onnx_path, "fp16", True),
@@ -190,15 +209,35 @@ def main(steps: int, batches: str, work: Path | None) -> None:
                     if plain is not None:  # same seed: what the fusion moves
                         d = np.abs(x - plain)
                         path += f"; vs FP16 + graph: max |diff| {d.max():.3g}, mean {d.mean():.2g}"
-                    samples[name] = x
+                    samples[name] = finals[(name, batch)] = x
                     row(name, batch, steps, wall, host, path)
                 except Exception as exc:  # a failing row (the fused one is an experiment) must not cost the rest
                     click.echo(f"{name:<26} {batch:>5} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            if i == 0:  # the compiler peer at the first (most important) batch size: compiling takes minutes
+                torch_row("torch.compile FP16", batch, True, "max-autotune")
+                torch_row("torch.compile FP32", batch, False, "max-autotune")
             if i == 0:  # the 256 x 256 row right after the first (most important) batch size
                 big_ckpt, big_onnx = prepare(work or Path(tmp), "lsun256", 256)
                 gflop = GFLOP_PER_IMAGE_256
-                row("256x256 torch eager FP32", 8, 50, time_eager(big_ckpt, 8, 50, False), None, "eager", gflop)
+                row("256x256 torch eager FP32", 8, 50, time_eager(big_ckpt, 8, 50, False)[0], None, "eager", gflop)
                 row("256x256 ORT CUDA FP16", 8, 50, *time_onnxruntime(big_onnx, 8, 50, "fp16", False)[:3], gflop)
+        batch_invariance(finals, sizes)
+
+
+def batch_invariance(finals: dict[tuple[str, int], np.ndarray], sizes: list[int]) -> None:
+    """Same seed, image i: the max |difference| between batch sizes of one row, and between ONNX Runtime CUDA FP32
+    and eager CUDA FP32 at each batch (on the CPU both are 0 bit for bit; a GPU may pick other kernels per shape)."""
+    click.echo("batch invariance (max |diff| of the images two runs share, same seed):")
+    for name in dict.fromkeys(n for n, _ in finals):
+        done = [b for b in sizes if (name, b) in finals]
+        for a, b in zip(done, done[1:]):
+            k = min(a, b)
+            d = np.abs(finals[(name, a)][:k] - finals[(name, b)][:k]).max()
+            click.echo(f"  {name:<26} batch {a} vs {b}: {d:.3g}")
+    for b in sizes:
+        if ("ORT CUDA FP32", b) in finals and ("torch eager FP32", b) in finals:
+            d = np.abs(finals[("ORT CUDA FP32", b)] - finals[("torch eager FP32", b)]).max()
+            click.echo(f"  ORT CUDA FP32 vs torch eager FP32, batch {b}: {d:.3g}")
 
 
 if __name__ == "__main__":

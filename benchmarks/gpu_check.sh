@@ -2,7 +2,7 @@
 # The GPU issue's measurements in ONE device call, after onnxruntime-gpu was carried and installed into /tmp/site
 # with the calls that `bash ../shared/gpu/carry-onnxruntime-gpu.sh` prints (make them back to back, then this one):
 #   run(command="bash benchmarks/gpu_check.sh [STAGE ...]", timeout_s=590)
-# STAGEs, most important first: benchmark (~380 s), parity (~60 s), pytest (~55 s), mnist (~20 s), train (~30 s);
+# STAGEs, most important first: benchmark (~380 s before the torch.compile rows; they add their compile time), parity (~60 s), pytest (~55 s), mnist (~20 s), train (~30 s);
 # default all of them, which fits one call only just: name the ones still to measure. Each runs under its own
 # timeout and writes under $OUT: device.txt, benchmark.txt, parity.txt, pytest_gpu.txt, mnist.txt (+ mnist_fp32.npz,
 # mnist_fp16.npz), train.txt. The mnist stage samples a carried quickstart export (MNIST_EXPORT, default
@@ -18,10 +18,10 @@ mkdir -p "$out" /tmp/gpu
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
   python3 -c "import torch, numpy, onnx, onnxruntime as o; o.preload_dlls(); print('torch', torch.__version__, 'cuda', torch.version.cuda, '| numpy', numpy.__version__, '| onnx', onnx.__version__, '| onnxruntime', o.__version__, o.get_available_providers())"; } 2>&1 | tee "$out/device.txt"
 # Throughput: the paper's CIFAR-10 UNet, full 1000-step chain, batch 64 first (the target); 256 x 256 next.
-want benchmark && timeout 400 python3 benchmarks/gpu.py --steps 1000 --batches 64,8,1 --work /tmp/gpu/bench \
+want benchmark && timeout 560 python3 benchmarks/gpu.py --steps 1000 --batches 64,8,1 --work /tmp/gpu/bench \
   2>&1 | tr '\r' '\n' | grep -v "^export:\|^fusion:\|plugin EP device" | tee "$out/benchmark.txt"
 # Parity: ORT CUDA FP32 vs torch CUDA FP32 (TF32 off), 1000 steps; FP16 vs FP32 figures.
-want parity && timeout 120 python3 -c "import sys; sys.path.insert(0, 'examples'); from pathlib import Path; import benchmark_gpu as b; b.prepare(Path('/tmp/gpu/bench'))" \
+want parity && timeout 120 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import gpu as b; b.prepare(Path('/tmp/gpu/bench'))" \
   2>&1 | tr '\r' '\n' | grep -v "^export:" | tail -3
 want parity && timeout 90 python3 benchmarks/gpu_parity.py /tmp/gpu/bench/cifar10.pt /tmp/gpu/bench/export --n 8 2>&1 \
   | grep -v "plugin EP device\|cudnn_fe_call" | tee "$out/parity.txt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -39,10 +40,10 @@ def wavy_eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (gaussian_eps(x, t) + 0.1 * np.sin(2.0 * x + t[:, None, None, None] / 300.0)).astype(x.dtype)
 
 
-def our_chain(sampler: str, steps: int, spacing: str, eps: EpsFn, noise: np.ndarray, clip: bool = False) \
-        -> list[np.ndarray]:
+def our_chain(sampler: str, steps: int | str | None, spacing: str | None, eps: EpsFn, noise: np.ndarray,
+              clip: bool = False, eta: float | None = None, variance: str | None = None) -> list[np.ndarray]:
     """x after every step of our chain, walked with the runtime's host stepper."""
-    chain = Chain.build(CONFIG, sampler, steps, spacing=spacing, clip_denoised=clip)
+    chain = Chain.build(CONFIG, sampler, steps, eta, variance, clip_denoised=clip, spacing=spacing)
     stepper = chain.stepper(eps)
     state, out = stepper.start(noise[0]), []
     for j, k in enumerate(reversed(range(len(chain)))):
@@ -51,47 +52,82 @@ def our_chain(sampler: str, steps: int, spacing: str, eps: EpsFn, noise: np.ndar
     return out
 
 
-def diffusers_chain(sampler: str, steps: int, spacing: str, eps: EpsFn, noise: np.ndarray, clip: bool = False) \
-        -> list[np.ndarray]:
-    """x after every step of diffusers' scheduler on the same eps function, with our noise injected.
+def diffusers_scheduler(sampler: str, steps: int | str | None, spacing: str | None, clip: bool, eta: float | None,
+                        variance: str | None) -> tuple[object, dict]:
+    """diffusers' scheduler for our sampler on the same timesteps, and the step() options that inject our noise.
 
     Clipping: diffusers' multistep schedulers have no clip_sample; thresholding with sample_max_value = 1 clamps
     the quantile to 1, which is exactly a static clip of x_0 to [-1, 1] (our clip_range 1)."""
-    options = dict(num_train_timesteps=CONFIG.num_timesteps, beta_start=CONFIG.beta_start, beta_end=CONFIG.beta_end,
-                   beta_schedule="linear", timestep_spacing=spacing, steps_offset=0, thresholding=clip,
-                   sample_max_value=1.0, lower_order_final=True, final_sigmas_type="zero", prediction_type="epsilon")
+    betas = dict(num_train_timesteps=CONFIG.num_timesteps, beta_start=CONFIG.beta_start, beta_end=CONFIG.beta_end,
+                 beta_schedule="linear", prediction_type="epsilon")
+    if sampler == "ddpm":  # any respacing: diffusers steps the timesteps our rule keeps
+        scheduler = diffusers.DDPMScheduler(**betas, variance_type=variance or CONFIG.variance_type,
+                                            clip_sample=clip, clip_sample_range=1.0)
+        chain = Chain.build(CONFIG, sampler, steps, spacing=spacing)
+        scheduler.set_timesteps(timesteps=[int(t) for t in chain.schedule.timesteps[::-1]])
+        return scheduler, {}
+    if sampler == "ddim":  # ddimK: the stride diffusers' "leading" spacing takes
+        scheduler = diffusers.DDIMScheduler(**betas, clip_sample=clip, set_alpha_to_one=True, steps_offset=0,
+                                            timestep_spacing="leading")
+        scheduler.set_timesteps(int(str(steps)[4:]))
+        return scheduler, {"eta": eta or 0.0, "use_clipped_model_output": True}
+    options = dict(**betas, timestep_spacing=spacing or "linspace", steps_offset=0, thresholding=clip,
+                   sample_max_value=1.0, lower_order_final=True, final_sigmas_type="zero")
     if sampler == "unipc":
         scheduler = diffusers.UniPCMultistepScheduler(solver_order=2, solver_type="bh2", predict_x0=True, **options)
     else:
         algorithm = "sde-dpmsolver++" if sampler == "sde-dpm++2m" else "dpmsolver++"
         scheduler = diffusers.DPMSolverMultistepScheduler(solver_order=2, algorithm_type=algorithm,
                                                           solver_type="midpoint", **options)
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(int(steps))
+    return scheduler, {}
+
+
+def diffusers_chain(sampler: str, steps: int | str | None, spacing: str | None, eps: EpsFn, noise: np.ndarray,
+                    clip: bool = False, eta: float | None = None, variance: str | None = None) -> list[np.ndarray]:
+    """x after every step of diffusers' scheduler on the same eps function, with our noise injected (x_T, then step
+    j's draw; diffusers' DDPM draws only for t > 0, and our t = 0 draw is the one it skips)."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    scheduler, extra = diffusers_scheduler(sampler, steps, spacing, clip, eta, variance)
     x, out = torch.from_numpy(noise[0]), []
     for j, t in enumerate(scheduler.timesteps):
+        draw = torch.from_numpy(noise[j + 1])
         model_out = torch.from_numpy(eps(x.numpy(), np.full(len(x), int(t))))
-        extra = {"variance_noise": torch.from_numpy(noise[j + 1])} if sampler == "sde-dpm++2m" else {}
-        x = scheduler.step(model_out, t, x, **extra).prev_sample
+        noise_kw = {"variance_noise": draw} if sampler in ("ddim", "sde-dpm++2m") else {}
+        with mock.patch.object(scheduling_ddpm, "randn_tensor", lambda *args, **kwargs: draw):
+            x = scheduler.step(model_out, t, x, **extra, **noise_kw).prev_sample
         out.append(x.numpy())
     return out
 
 
-def assert_parity(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+def assert_parity(ours: list[np.ndarray], theirs: list[np.ndarray], step: float = 1e-5, final: float = 1e-4) -> None:
     assert len(ours) == len(theirs)
     per_step = [float(np.abs(a - b).max()) for a, b in zip(ours, theirs)]
-    assert max(per_step) <= 1e-5, per_step
-    assert per_step[-1] <= 1e-4
+    assert max(per_step) <= step, per_step
+    assert per_step[-1] <= final
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-@pytest.mark.parametrize("steps", [10, 20, 50])
-@pytest.mark.parametrize("sampler", SOLVERS)
-def test_chains_equal_diffusers_step_for_step(sampler, steps, spacing):
-    """float32 state as in the runtime (our tables float64, diffusers' float32): within 1e-5 at every step."""
-    noise = chain_noise(seed=steps, n=3, image_shape=SHAPE, num_steps=steps)
-    ours = our_chain(sampler, steps, spacing, wavy_eps, noise)
-    theirs = diffusers_chain(sampler, steps, spacing, wavy_eps, noise)
-    assert_parity(ours, theirs)
+# (sampler, steps, spacing, eta, variance): every rule, respaced by its own rule or spaced as diffusers does. A DDPM
+# chain whose last timestep is not 0 (trailing) ends at x_0 without noise here; diffusers' fixed_large adds beta_t
+# noise on that last step, so that row compares fixed_small, whose last variance is 0 in both.
+GRID = [("ddpm", None, None, None, None), ("ddpm", "50", None, None, "fixed_small"), ("ddpm", "10,5", None, None, None),
+        ("ddpm", "20", "trailing", None, "fixed_small"), ("ddim", "ddim10", None, None, None), ("ddim", "ddim50", None, 0.5, None),
+        ("ddim", "ddim20", None, 1.0, None)]
+GRID += [(s, k, sp, None, None) for s in SOLVERS for k in (10, 20, 50) for sp in ("linspace", "leading", "trailing")]
+
+
+@pytest.mark.parametrize("sampler,steps,spacing,eta,variance", GRID)
+def test_chains_equal_diffusers_step_for_step(sampler, steps, spacing, eta, variance):
+    """One harness for every rule. float32 state as in the runtime (our tables float64, diffusers' float32): the
+    multistep solvers within 1e-5 at every step; the ancestral rules, whose diffusers tables recompute beta_t = 1 -
+    ac[t] / ac[prev] in float32, within 1e-4 (the paper's samplers clip x_0, as diffusers does by default)."""
+    ancestral = sampler in ("ddpm", "ddim")
+    noise = chain_noise(seed=7, n=3, image_shape=SHAPE, num_steps=len(Chain.build(CONFIG, sampler, steps, eta,
+                                                                                  spacing=spacing)))
+    ours = our_chain(sampler, steps, spacing, wavy_eps, noise, ancestral, eta, variance)
+    theirs = diffusers_chain(sampler, steps, spacing, wavy_eps, noise, ancestral, eta, variance)
+    assert_parity(ours, theirs, *((1e-4, 1e-4) if ancestral else (1e-5, 1e-4)))
     assert ours[-1].dtype == np.float32  # float64 coefficients are Python floats: they keep the state's dtype
     assert np.abs(ours[-1] - noise[0]).max() > 0.1  # the chain did move
 

@@ -9,13 +9,11 @@ DDPMScheduler config that `train.sources.diffusers_source.diffusion_from_schedul
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import DDPMError
-from runtime.fileio import clear_stale_temps, temp_prefix
+from runtime.fileio import staged_folder
 from runtime.sampling.schedule import DiffusionConfig
 from train.checkpoint import load_checkpoint
 from train.diffusers_map import to_diffusers
@@ -52,14 +50,6 @@ def write_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, *, for
         raise DDPMError(f"{checkpoint} models data in [{lo}, {hi}]; DDPMPipeline assumes [-1, 1]")
     unet = to_diffusers(ckpt.ema_model())
     pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_config(ckpt.diffusion_config)))
-    clear_stale_temps(out.parent)
-    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 from unittest import mock
@@ -32,34 +31,11 @@ def _libraries() -> tuple[Any, Any, Any]:
     try:
         import torch
 
-        _import_torchvision(torch)
+        import train  # noqa: F401  (makes torchvision importable beside a CPU-only torch: train.torch_compat)
         from pytorch_fid import fid_score, inception
     except ImportError:
         raise DDPMError("FID needs pytorch-fid and torch: pip install 'ddpm-deploy[eval]'") from None
     return torch, inception, fid_score
-
-
-def _import_torchvision(torch: Any) -> None:
-    """Import torchvision, also beside a CPU-only torch build. PyPI's torchvision wheels are CUDA builds: with a
-    CPU-only torch their C++ detection ops (nms, roi_align, ...) cannot load, and torchvision then fails at import
-    while registering those ops' fake kernels. FID uses none of them, so that registration is skipped there."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    register_fake = torch.library.register_fake
-
-    def skip_torchvision_ops(op: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(op, str) and op.startswith("torchvision::"):
-            return lambda fn: fn
-        return register_fake(op, *args, **kwargs)
-
-    with mock.patch.object(torch.library, "register_fake", skip_torchvision_ops):
-        import torchvision  # noqa: F401,F811
 
 
 def load_inception(weights: str | os.PathLike) -> Any:

@@ -8,12 +8,13 @@ while the run was writing (another run writing the same output), so "exists, pas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from runtime.errors import DDPMError
 
@@ -139,3 +140,21 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside `out` to fill; on success it replaces `out` (removed first if it exists), on any
+    failure it is removed and `out` is left as it was."""
+    out = Path(out)
+    clear_stale_temps(out.parent)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+

@@ -1,1 +1,5 @@
-"""Training side of ddpm-deploy: the eps-UNet, datasets, trainer, checkpoints and the eager reference sampler."""
+"""The torch side: the eps-UNet, its trainer, datasets, checkpoints, model sources and the eager reference sampler."""
+
+from train.torch_compat import make_torchvision_importable
+
+make_torchvision_importable()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from runtime.engine_info import EngineInfo
 from runtime.errors import DDPMError
+from runtime.fileio import staged_folder
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo, external_data_path
 from runtime.sampling import DEFAULT_SAMPLER, Chain
 from runtime.serving.schema import INPUTS, MODEL_NAME, OUTPUT, TRITON_TYPES
@@ -183,8 +183,7 @@ def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | No
         SAMPLER_MODEL: sampler_config(info, max_batch, sampler_instances, queue_delay_us, sampler, steps, spacing, eta),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         for name, config in configs.items():
             (staging / name / "1").mkdir(parents=True)
             (staging / name / "config.pbtxt").write_text(pbtxt(config))
@@ -196,11 +195,5 @@ def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | No
         shutil.copyfile(MODEL_PY, loop_dir / "model.py")
         (loop_dir / "model_info.json").write_text(json.dumps(info.to_metadata(), indent=2, sort_keys=True))
         copy_runtime(loop_dir / "runtime")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {name: out / name / "config.pbtxt" for name in configs}
 

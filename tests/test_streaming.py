@@ -126,10 +126,10 @@ def fail(capsys: pytest.CaptureFixture[str], *args: object) -> str:
 def test_a_run_that_cannot_fit_the_disk_is_refused_before_sampling(cheap, tmp_path, capsys, monkeypatch):
     import runtime.run.store as streaming
 
-    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=1_000_000))
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
     message = fail(capsys, cheap, "--n", 1000, "--out", tmp_path / "s.npz")
-    assert "not enough disk space for 1000 images" in message and "1.0 MB free" in message
-    assert "4.1 MB partial file" in message and "5.1 MB final .npz" in message
+    assert "not enough disk space for 1000 images" in message and "1.0 MiB free" in message
+    assert "3.9 MiB partial file" in message and "4.9 MiB final .npz" in message
     assert list(tmp_path.iterdir()) == []
 
 

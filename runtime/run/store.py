@@ -24,6 +24,7 @@ import numpy as np
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write, atomic_write_bytes
 from runtime.images import to_uint8
+from runtime.resources import human
 
 PARTIAL = ".partial"
 _HELD: dict[tuple[int, int], int] = {}  # partial folders this process has locked: (st_dev, st_ino) -> open fd
@@ -32,14 +33,6 @@ HEADER_BYTES = 128  # .npy v1.0 headers of our shapes fit in 128 bytes; fixed so
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + PARTIAL)
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1000
-    raise AssertionError
 
 
 def _npy_header(shape: tuple[int, ...], descr: str) -> bytes:
@@ -64,8 +57,8 @@ def check_disk(out: Path, n: int, shape: tuple[int, int, int], done: int = 0) ->
     final = final_bytes(n, shape)
     free = shutil.disk_usage(out.parent if str(out.parent) else Path(".")).free
     if partial + final > free:
-        raise DDPMError(f"not enough disk space for {n} images in {out.parent or '.'}: need {_human(partial + final)} "
-                        f"({_human(partial)} partial file + {_human(final)} final .npz), {_human(free)} free; "
+        raise DDPMError(f"not enough disk space for {n} images in {out.parent or '.'}: need {human(partial + final)} "
+                        f"({human(partial)} partial file + {human(final)} final .npz), {human(free)} free; "
                         "lower {opt:n} or free some space")
 
 

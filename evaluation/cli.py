@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-from evaluation.data import folder_images, load_images, npz_images, to_model_space
+from evaluation.data import load_images, npz_images
 from evaluation.frechet import frechet_distance
 from evaluation.likelihood import dataset_bits_per_dim
 from evaluation.sweep import sweep
@@ -24,7 +24,7 @@ from runtime.backends import open_model
 from runtime.cli_common import CONTEXT, COUNT, backend_options, force_option, model_argument, run_cli, seed_option
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes, check_writable
-from runtime.images import make_grid, save_png, to_uint8
+from runtime.images import make_grid, read_folder, save_png, to_model_space, to_uint8
 from runtime.sampling import DEFAULT_BATCH
 from runtime.sampling.schedule import sampling_schedule
 
@@ -132,7 +132,7 @@ def _fid(samples: np.ndarray, ref: str, weights: Path | None) -> dict:
     shape = (samples.shape[3], samples.shape[1], samples.shape[2])
     path = Path(ref)
     if path.is_dir():
-        real = folder_images(path, shape)
+        real = read_folder(path, shape)
     elif path.suffix.lower() == ".npz" and path.is_file():
         real = npz_images(path)
     else:

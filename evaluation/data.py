@@ -10,12 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from runtime.errors import DDPMError
-from runtime.images import read_folder
-
-DATASETS = ("mnist", "cifar10", "folder")
+from runtime.images import DATASETS, pad_center, read_folder
 
 
 def _train_data():  # type: ignore[no-untyped-def]
@@ -39,30 +36,7 @@ def cifar10_test(data_dir: Path) -> np.ndarray:
     path = data_dir / "test_batch"
     if not path.is_file():
         raise DDPMError(f"{data_dir} has no test_batch; point {{opt:data_dir}} at the extracted cifar-10-batches-py folder")
-    batch = _train_data().safe_unpickle(path)
-    data = batch.get(b"data") if isinstance(batch, dict) else None
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
-    return data.astype(np.uint8).reshape(-1, 3, 32, 32)
-
-
-def _fit(img: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Convert to the model's channels; resize the short side and center-crop (as training does) if needed."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    h, w = size
-    if img.size != (w, h):
-        scale = max(w / img.size[0], h / img.size[1])
-        nw, nh = max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def folder_images(data_dir: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Every picture under `data_dir` (sorted by path) at the model's shape."""
-    return read_folder(data_dir, lambda img: _fit(img, image_shape[0], image_shape[1:]))
+    return _train_data().cifar10_batch(path)[0]
 
 
 def npz_images(path: Path) -> np.ndarray:
@@ -86,8 +60,7 @@ def _to_shape(images: np.ndarray, image_shape: tuple[int, int, int], what: str) 
     if (hi, wi) != (h, w):
         if hi > h or wi > w or (h - hi) % 2 or (w - wi) % 2:
             raise DDPMError(f"{what} has {hi} x {wi} images, the model takes {h} x {w}")
-        top, left = (h - hi) // 2, (w - wi) // 2
-        images = np.pad(images, ((0, 0), (0, 0), (top, h - hi - top), (left, w - wi - left)))
+        images = pad_center(images, (h, w))
     return images
 
 
@@ -102,7 +75,7 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
             raise DDPMError(f"{{opt:data}} {data} needs {{opt:data_dir}} PATH")
         if not data_dir.is_dir():
             raise DDPMError(f"data folder {data_dir} does not exist or is not a folder; pass an existing {{opt:data_dir}}")
-        images = cifar10_test(data_dir) if data == "cifar10" else folder_images(data_dir, image_shape)
+        images = cifar10_test(data_dir) if data == "cifar10" else read_folder(data_dir, image_shape)
         what = f"{data_dir}"
     elif data.lower().endswith(".npz"):
         path = Path(data)
@@ -110,7 +83,7 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
             raise DDPMError(f"data file {path} not found")
         images, what = npz_images(path), str(path)
     else:
-        raise DDPMError(f"unknown data {data!r}; use mnist, cifar10, folder (with {{opt:data_dir}}) or an .npz file")
+        raise DDPMError(f"unknown data {data!r}; use {', '.join(DATASETS)} (with {{opt:data_dir}}) or an .npz file")
     if first >= len(images):
         raise DDPMError(f"{{opt:first}} {first} skips all {len(images)} images of {what}; use {{opt:first}} {len(images) - 1} "
                         "or less")
@@ -123,9 +96,3 @@ def load_images(data: str, data_dir: Path | None, image_shape: tuple[int, int, i
             raise DDPMError(f"{{opt:n}} {n} is more than the {left} images of {what}{after}; use {{opt:n}} {left} or less")
     images = images[first:len(images) if n is None else first + n]
     return _to_shape(images, image_shape, what)
-
-
-def to_model_space(images: np.ndarray, data_range: tuple[float, float]) -> np.ndarray:
-    """uint8 levels -> float64 in the model's data range (x / 127.5 - 1 for [-1, 1])."""
-    lo, hi = data_range
-    return images.astype(np.float64) * ((hi - lo) / 255.0) + lo

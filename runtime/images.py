@@ -1,4 +1,5 @@
-"""Model-space images <-> uint8 pictures and grids, as PNG or any format Pillow writes (NumPy + Pillow only)."""
+"""Model-space images <-> uint8 pictures and grids, as PNG or any format Pillow writes, and the one preprocessing of
+image files that training and evaluation share (NumPy + Pillow only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,13 +15,28 @@ from PIL import Image, UnidentifiedImageError
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DATASETS = ("mnist", "cifar10", "folder")  # named image sets: ddpm-train learns from them, ddpm-eval compares with them
 
 
-def read_folder(data_dir: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
-    """Every picture under `data_dir` (recursively, sorted by path) through `convert`, stacked. Decompression bombs
-    (PIL's limit, and the warning zone up to twice it) and unreadable files are refused by name."""
+def fit_picture(img: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """`img` as uint8 C x H x W at `channels` (1: grey, 3: RGB) and `size` (H, W): the short side resized (bicubic),
+    then centre-cropped. One preprocessing, so evaluation sees a folder exactly as training did."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    h, w = size
+    if img.size != (w, h):
+        scale = max(w / img.size[0], h / img.size[1])
+        nw, nh = max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def read_folder(data_dir: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Every picture under `data_dir` (recursively, sorted by path) through `fit_picture`: uint8 N x C x H x W.
+    Decompression bombs (PIL's limit, and the warning zone up to twice it) and unreadable files are refused by name."""
     files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point {{opt:data_dir}} at a folder "
@@ -32,13 +47,28 @@ def read_folder(data_dir: Path, convert: Callable[[Image.Image], np.ndarray]) ->
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
-                    images.append(convert(img))
+                    images.append(fit_picture(img, image_shape[0], image_shape[1:]))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DDPMError(f"image {path} is too large to decode safely, a decompression bomb? "
                             f"({str(exc).split(',')[0]}); remove it or shrink it") from None
         except (UnidentifiedImageError, OSError, ValueError, MemoryError) as exc:
             raise DDPMError(f"cannot read image {path} ({type(exc).__name__}); remove or fix it") from None
     return np.stack(images)
+
+
+def pad_center(images: np.ndarray, size: tuple[int, int], fill: float = 0) -> np.ndarray:
+    """N x C x h x w images centred on an H x W background of `fill` (no larger than it): MNIST's 28 x 28 digits
+    under a UNet that takes 32 x 32."""
+    (h, w), (hi, wi) = size, images.shape[-2:]
+    top, left = (h - hi) // 2, (w - wi) // 2
+    return np.pad(images, ((0, 0), (0, 0), (top, h - hi - top), (left, w - wi - left)), constant_values=fill)
+
+
+def to_model_space(images: np.ndarray, data_range: tuple[float, float] = (-1.0, 1.0),
+                   dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """uint8 levels -> `dtype` floats in `data_range` (x / 127.5 - 1 for [-1, 1]); `to_uint8` reverses it."""
+    lo, hi = data_range
+    return images.astype(dtype) / dtype(255.0 / (hi - lo)) + dtype(lo)
 
 
 def to_uint8(samples: np.ndarray, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:

@@ -8,6 +8,7 @@ from runtime.errors import DDPMError
 
 
 def human(nbytes: float) -> str:
+    """A byte count in binary units (B, KiB, ... TiB), the one size format of every message."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"

@@ -16,13 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from runtime.errors import DDPMError
-from runtime.images import read_folder
+from runtime.images import DATASETS, pad_center, read_folder, to_model_space
 from runtime.resources import human
 
-DATASETS = ("mnist", "cifar10", "folder")
 IMAGE_SIZE = 32
 MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
 MNIST_TEST_PER_CLASS = 100  # digits per class held out of training: the 1,000 test digits of `ddpm-eval nll`
@@ -43,8 +41,8 @@ class Dataset:
 
 
 def _to_model_space(images_uint8: np.ndarray) -> torch.Tensor:
-    """N x C x H x W uint8 -> float32 in [-1, 1] (x / 127.5 - 1)."""
-    return torch.from_numpy(images_uint8.astype(np.float32) / 127.5 - 1.0)
+    """N x C x H x W uint8 -> float32 in [-1, 1]."""
+    return torch.from_numpy(to_model_space(images_uint8, dtype=np.float32))
 
 
 def mnist_path() -> Path:
@@ -98,9 +96,7 @@ def pad_to(dataset: Dataset, size: int) -> Dataset:
     if h > size or w > size:
         raise DDPMError(f"{dataset.name} images are {h} x {w}, larger than the model's {size} x {size}; "
                         "use the model's own dataset or a matching checkpoint")
-    top, left = (size - h) // 2, (size - w) // 2
-    padded = torch.nn.functional.pad(dataset.images, (left, size - w - left, top, size - h - top), value=-1.0)
-    return replace(dataset, images=padded)
+    return replace(dataset, images=torch.from_numpy(pad_center(dataset.images.numpy(), (size, size), fill=-1.0)))
 
 
 class _BoundedArray(np.ndarray):
@@ -180,6 +176,16 @@ def safe_unpickle(path: Path) -> Any:
                         "batches from cifar-10-python.tar.gz") from None
 
 
+def cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One python-format CIFAR-10 batch: uint8 images N x 3 x 32 x 32 and its int64 labels (empty where absent)."""
+    batch = safe_unpickle(path)
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    data = np.asarray(data) if isinstance(data, np.ndarray) else data  # a plain ndarray, not _BoundedArray
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), np.asarray(batch.get(b"labels", []), dtype=np.int64)
+
+
 def load_cifar10(data_dir: Path) -> Dataset:
     """The 50,000 training images from data_batch_1..5 (python format) in `data_dir`; flips allowed."""
     batches = [data_dir / f"data_batch_{i}" for i in range(1, 6)]
@@ -187,36 +193,16 @@ def load_cifar10(data_dir: Path) -> Dataset:
     if missing:
         raise DDPMError(f"{data_dir} lacks {', '.join(missing)}; point {{opt:data_dir}} at the extracted "
                         "cifar-10-batches-py folder")
-    arrays, labels = [], []
-    for path in batches:
-        batch = safe_unpickle(path)
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        data = np.asarray(data) if isinstance(data, np.ndarray) else data  # a plain ndarray, not _BoundedArray
-        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DDPMError(f"{path} has no N x 3072 'data' array; is it a CIFAR-10 python-format batch?")
-        arrays.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch.get(b"labels", []), dtype=np.int64))
+    arrays, labels = zip(*(cifar10_batch(path) for path in batches))
     lab = np.concatenate(labels)
     images = np.concatenate(arrays)
     return Dataset("cifar10", _to_model_space(images), allow_flips=True,
                    labels=lab if len(lab) == len(images) else None)
 
 
-def _square_32(img: Image.Image) -> np.ndarray:
-    """Resize the short side to 32 and center-crop: 3 x 32 x 32 uint8 RGB."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = IMAGE_SIZE / min(w, h)
-    nw, nh = max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
-    img = img.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
 def load_folder(data_dir: Path) -> Dataset:
     """Every image file in `data_dir` (recursively), as 32 x 32 RGB; flips allowed."""
-    return Dataset("folder", _to_model_space(read_folder(data_dir, _square_32)), allow_flips=True)
+    return Dataset("folder", _to_model_space(read_folder(data_dir, (3, IMAGE_SIZE, IMAGE_SIZE))), allow_flips=True)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

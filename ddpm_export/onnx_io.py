@@ -73,3 +73,8 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
 def read_info(model: onnx.ModelProto, source: str) -> ModelInfo:
     return ModelInfo.from_metadata({p.key: p.value for p in model.metadata_props}, source)
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's version of the default ONNX domain ("" or "ai.onnx"), None if it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

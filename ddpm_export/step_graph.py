@@ -16,6 +16,7 @@ from onnx import compose
 from torch import nn
 
 from ddpm_export.onnx_export import export_module, sample_inputs
+from ddpm_export.onnx_io import default_opset
 from runtime.errors import DDPMError
 from runtime.metadata import eps_outputs
 from runtime.sampling.schedule import DiffusionConfig, Schedule
@@ -52,15 +53,11 @@ def export_update(diffusion: DiffusionConfig, image_shape: tuple[int, int, int],
     return export_module(UpdateModule(diffusion), inputs, ["x_prev"], opset)
 
 
-def _opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
 def compose_step_graph(eps_model: onnx.ModelProto, update_model: onnx.ModelProto) -> onnx.ModelProto:
     """One model: the eps graph's x_t, t, eps (and v) feed the update graph; inputs x_t, t, noise; output x_prev."""
-    if (eps_model.ir_version, _opset(eps_model)) != (update_model.ir_version, _opset(update_model)):
-        raise DDPMError(f"cannot join the eps graph (IR {eps_model.ir_version}, opset {_opset(eps_model)}) to the "
-                        f"update graph (IR {update_model.ir_version}, opset {_opset(update_model)}); "
+    if (eps_model.ir_version, default_opset(eps_model)) != (update_model.ir_version, default_opset(update_model)):
+        raise DDPMError(f"cannot join the eps graph (IR {eps_model.ir_version}, opset {default_opset(eps_model)}) to "
+                        f"the update graph (IR {update_model.ir_version}, opset {default_opset(update_model)}); "
                         "export both with the same torch and {opt:opset}")
     head = onnx.ModelProto()
     head.CopyFrom(eps_model)

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from ddpm_export.onnx_io import BATCH_DIM
+from ddpm_export.onnx_io import BATCH_DIM, default_opset
 
 # The operators marked "Y" (supported) in onnx-tensorrt's docs/operators.md for TensorRT 10.0
 # (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md, commit 96e7811 of 2024-06-17), which
@@ -43,7 +43,7 @@ def tensorrt_readiness(model: onnx.ModelProto) -> dict[str, Any]:
     used = {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
     unsupported = sorted(f"{d}::{op}" if d != "ai.onnx" else op for d, op in used
                          if d != "ai.onnx" or op not in TRT_ONNX_OPS)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     other_dynamic = {v.name: _dims(v) for v in list(model.graph.input) + list(model.graph.output)
                      if any(isinstance(d, str) or d == 0 for d in _dims(v)[1:]) or _dims(v)[:1] != [BATCH_DIM]}
     opset_ok = opset is not None and TRT_OPSET_RANGE[0] <= opset <= TRT_OPSET_RANGE[1]

@@ -17,11 +17,11 @@ import numpy as np
 
 from runtime.errors import DDPMError
 from runtime.progress import progress as progress_bar
+from runtime.sampling import EpsFn
 from runtime.sampling.noise import NoiseSource, SeededNoise
 from runtime.sampling.schedule import Schedule, is_learned
 from runtime.sampling.steps import DDPMCoefficients, learned_log_variance, posterior_mean, predict_x0, q_sample, split_output
 
-EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 LN2 = math.log(2.0)
 BIN = 1.0 / 255.0  # half the width of one of the 256 pixel levels in [-1, 1]
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -18,15 +17,12 @@ from ddpm_export.onnx_io import read_info, save_onnx
 from ddpm_export.pipeline import export_all
 from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import failures, validate_export
+from runtime.backends.onnxruntime_backend import open_session
 from runtime.errors import DDPMError
 from runtime.fileio import file_sha256
 from runtime.sampling.schedule import DiffusionConfig, Schedule
 from runtime.sampling.steps import DDPMCoefficients, ddpm_step
 from train.checkpoint import load_checkpoint, random_checkpoint, save_checkpoint
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def _inputs(batch: int, t: list[int], seed: int = 1) -> dict[str, np.ndarray]:
@@ -56,7 +52,7 @@ def test_every_graph_is_self_describing(tiny_export_dir: Path, tiny_checkpoint: 
 @pytest.mark.parametrize("batch", [1, 3, 6])
 def test_fp32_graph_matches_eager_for_any_batch(tiny_export_dir: Path, tiny_checkpoint: Path, batch: int) -> None:
     feed = _inputs(batch, list(np.linspace(0, 999, batch).astype(int)))
-    eps = _session(tiny_export_dir / "model.onnx").run(["eps"], feed)[0]
+    eps = open_session(tiny_export_dir / "model.onnx").run(["eps"], feed)[0]
     with torch.no_grad():
         ref = load_checkpoint(tiny_checkpoint).ema_model()(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"]))
     assert eps.shape == (batch, 1, 32, 32)
@@ -95,7 +91,7 @@ def test_fp16_graph_keeps_sensitive_ops_in_float32(tiny_export_dir: Path) -> Non
 
 
 def test_fp16_stays_close_to_fp32_at_extreme_timesteps(tiny_export_dir: Path) -> None:
-    fp32, fp16 = _session(tiny_export_dir / "model.onnx"), _session(tiny_export_dir / "model.fp16.onnx")
+    fp32, fp16 = open_session(tiny_export_dir / "model.onnx"), open_session(tiny_export_dir / "model.fp16.onnx")
     for t in (0, 1, 998, 999):
         feed = _inputs(2, [t, t], seed=t)
         feed["x_t"] *= 5.0
@@ -146,8 +142,9 @@ def test_fp16_step_graph_keeps_the_update_in_float32(tiny_export_dir: Path) -> N
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fp16_step_graph_matches_numpy_step_on_its_eps(tiny_export_dir: Path, batch: int) -> None:
-    step16, eps16 = _session(tiny_export_dir / "model.fp16.step.onnx"), _session(tiny_export_dir / "model.fp16.onnx")
-    step32 = _session(tiny_export_dir / "model.step.onnx")
+    step16 = open_session(tiny_export_dir / "model.fp16.step.onnx")
+    eps16 = open_session(tiny_export_dir / "model.fp16.onnx")
+    step32 = open_session(tiny_export_dir / "model.step.onnx")
     diffusion = read_info(onnx.load(tiny_export_dir / "model.fp16.step.onnx"), "step").diffusion
     tables = DDPMCoefficients.tables(Schedule.from_config(diffusion), diffusion.variance_type)
     for t in (0, 500, 999):
@@ -208,7 +205,7 @@ def cosine_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_step_graph_follows_the_checkpoints_schedule(cosine_export: Path) -> None:
     assert json.loads((cosine_export / "validation.json").read_text())["passed"]
-    step, eps_sess = _session(cosine_export / "model.step.onnx"), _session(cosine_export / "model.onnx")
+    step, eps_sess = open_session(cosine_export / "model.step.onnx"), open_session(cosine_export / "model.onnx")
     diffusion = read_info(onnx.load(cosine_export / "model.step.onnx"), "step").diffusion
     tables = DDPMCoefficients.tables(Schedule.from_config(diffusion), diffusion.variance_type)
     feed = _inputs(3, [0, 50, 99])
@@ -247,8 +244,8 @@ def test_large_models_are_saved_with_external_data(tiny_export_dir: Path, tmp_pa
     assert (tmp_path / "model.onnx.data").stat().st_size > 100_000  # the weights went there
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp left behind
     feed = _inputs(2, [0, 999])
-    np.testing.assert_array_equal(_session(path).run(["eps"], feed)[0],
-                                  _session(tiny_export_dir / "model.onnx").run(["eps"], feed)[0])
+    np.testing.assert_array_equal(open_session(path).run(["eps"], feed)[0],
+                                  open_session(tiny_export_dir / "model.onnx").run(["eps"], feed)[0])
 
 
 def test_existing_outputs_are_never_half_overwritten(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -267,7 +264,7 @@ def test_patch_stem_model_exports_and_validates(tmp_path: Path) -> None:
     assert json.loads(files["validation"].read_text())["passed"]
     rng = np.random.default_rng(2)
     feed = {"x_t": rng.standard_normal((3, 1, 28, 28)).astype(np.float32), "t": np.array([0, 400, 999])}
-    eps = _session(files["onnx"]).run(["eps"], feed)[0]
+    eps = open_session(files["onnx"]).run(["eps"], feed)[0]
     with torch.no_grad():
         ref = load_checkpoint(ckpt).ema_model()(torch.from_numpy(feed["x_t"]), torch.from_numpy(feed["t"])).numpy()
     assert ref.std() > 0.05 and np.abs(eps - ref).max() <= 1e-4

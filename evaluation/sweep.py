@@ -70,7 +70,7 @@ def parse_seeds(seeds: str) -> list[int]:
 
 def score(images_uint8_nhwc: np.ndarray) -> dict[str, float]:
     """Frechet distance to the real digits in the classifier's features, and the confidently labelled share."""
-    from evaluation.digit_quality import DigitQuality, digit_frechet  # the train extra (scikit-learn, mlxtend)
+    from evaluation.digit_quality import DigitQuality, digit_frechet  # the eval extra (scikit-learn, mlxtend)
 
     return {"fd": digit_frechet(images_uint8_nhwc), "confident": DigitQuality.of(images_uint8_nhwc).confident_fraction}
 

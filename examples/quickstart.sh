@@ -18,7 +18,7 @@ stage() {  # stage NAME COMMAND...: run it, then say how long it took
   "$@"
   echo "quickstart: $name took $((SECONDS - t0)) s" >&2
 }
-stage "set-up (.venv, pip)" bash examples/setup.sh export
+stage "set-up (.venv, pip)" bash examples/setup.sh train,export
 mkdir -p "$run"
 # The paper's objective and linear schedule; a 10x learning rate with cosine decay suits a short CPU run, and the
 # `fast` preset (2 x 2 pixel patches folded into channels) takes 3.7x as many steps per second as `small`.

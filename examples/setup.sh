@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install ddpm-deploy with the given extra (default: dev).
+# Create .venv (if needed) and install ddpm-deploy with the given extras, comma-separated (default: dev; the quickstart
+# takes train,export; see pyproject.toml for torch, train, export, eval, serve).
 # torch is pinned to the CPU build first, so no extra pulls several GB of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -209,7 +209,7 @@ def test_runtime_imports_and_runs_without_torch_or_onnx(tiny_export_dir, tiny_ch
     refused = lean(tiny_checkpoint, "--n", 1, "--out", "t.npz")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [
-        "error: tiny.pt is a PyTorch model and needs torch; install ddpm-deploy[train] or pass an exported "
+        "error: tiny.pt is a PyTorch model and needs torch; install ddpm-deploy[torch] or pass an exported "
         ".onnx file"]
     assert not (tmp_path / "t.npz").exists()
 

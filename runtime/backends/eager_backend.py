@@ -22,7 +22,7 @@ class EagerBackend(EpsBackend):
 
             from train.sources import load_source
         except ImportError:
-            raise DDPMError(f"{path.name} is a PyTorch model and needs torch; install ddpm-deploy[train] or "
+            raise DDPMError(f"{path.name} is a PyTorch model and needs torch; install ddpm-deploy[torch] or "
                             "pass an exported .onnx file") from None
         if provider == "cuda" and not torch.cuda.is_available():
             raise DDPMError("{opt:provider} cuda needs a CUDA build of torch and a GPU; none found")

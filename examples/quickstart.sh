@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data: train the `fast` eps-UNet on real 28 x 28 MNIST digits (CPU), export it
 # to ONNX (FP32, FP16, step graph) with validation, then sample 64 digits with the lean runtime and write a PNG grid
-# (SDE-DPM-Solver++(2M) at 20 steps: on this model as good as 100 ancestral DDPM steps, for a fifth of the calls).
+# (SDE-DPM-Solver++(2M) at 20 steps, the sampler ddpm-run picks by default; docs/sweep.md compares the samplers).
 # One line per stage with its time; ddpm-train also prints this machine's measured steps/s after its first steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ stage() {  # stage NAME COMMAND...: run it, then say how long it took
 stage "set-up (.venv, pip)" bash examples/setup.sh train,export
 mkdir -p "$run"
 # The paper's objective and linear schedule; a 10x learning rate with cosine decay suits a short CPU run, and the
-# `fast` preset (2 x 2 pixel patches folded into channels) takes 3.7x as many steps per second as `small`.
+# `fast` preset (2 x 2 pixel patches folded into channels) takes many more steps per second than `small`.
 stage "training ($steps steps)" .venv/bin/ddpm-train --dataset mnist --preset fast --steps "$steps" \
   --batch-size 64 --lr 2e-3 --lr-schedule cosine --warmup 50 --no-preview --out "$run/ckpt.pt"
 stage "export + validation" .venv/bin/ddpm-export "$run/ckpt.pt" --out-dir "$run/export"

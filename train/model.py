@@ -35,7 +35,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     # p > 1 folds each p x p pixel patch into channels before the first conv and unfolds the output after the last
     # (pixel_unshuffle / pixel_shuffle): the UNet runs on an (image_size / p)^2 grid, which attention_resolutions
-    # refer to. Not the paper's; on MNIST it makes a CPU training step 3.7x cheaper (README, Quality).
+    # refer to. Not the paper's: every level works on p^2 fewer positions, so a CPU training step costs far less
+    # (figures in docs/measurements.md).
     patch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -77,13 +78,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's 256 x 256 models (LSUN church/bedroom/cat, CelebA-HQ; google/ddpm-church-256's block structure).
     "lsun256": dict(base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,),
                     dropout=0.0, num_groups=32),
-    # Trains to recognisable MNIST digits in minutes on 2 CPU cores; attention at the lowest level, 7 x 7 for
+    # Small enough to train to recognisable MNIST digits on a CPU; attention at the lowest level, 7 x 7 for
     # 28 x 28 MNIST or 8 x 8 for 32 x 32 images.
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7, 8),
                   dropout=0.0, num_groups=8),
     # The quickstart's: `small`'s widths on 2 x 2 pixel patches (14 x 14 and 7 x 7 grids for MNIST), attention only
-    # in the middle block. A step costs 3.7x less CPU time than `small`'s, and on MNIST the 4x as many steps that
-    # the quickstart's 10 minutes then buy are worth more than the full-resolution first level (README, Quality).
+    # in the middle block. Its steps are much cheaper than `small`'s, and on MNIST the extra steps a short CPU run
+    # then takes are worth more than the full-resolution first level (docs/measurements.md).
     "fast": dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
                  dropout=0.0, num_groups=8, patch_size=2),
     # For tests: as fast as a UNet with every block type can be.

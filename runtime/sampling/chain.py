@@ -17,7 +17,7 @@ from runtime.sampling.solvers import DEFAULT_SOLVER_STEPS, DPMSolverPP, Multiste
 RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (Ancestral, DDIM, DPMSolverPP, SDEDPMSolverPP, UniPC)}
 SAMPLERS = tuple(RULES)
 SOLVERS = tuple(name for name, rule in RULES.items() if issubclass(rule, MultistepRule))  # multistep
-# The default chain of ddpm-run and ddpm-serve (see DEFAULT_SOLVER_STEPS for the measurement behind it).
+# The default chain of ddpm-run and ddpm-serve (DEFAULT_SOLVER_STEPS says why).
 DEFAULT_SAMPLER = SDEDPMSolverPP.name
 __all__ = ["Chain", "DEFAULT_SAMPLER", "DEFAULT_SOLVER_STEPS", "RULES", "SAMPLERS", "SOLVERS", "default_sampler", "make_rule"]
 

@@ -25,8 +25,9 @@ from runtime.sampling.steps import (MultistepCoefficients, dpm_solver_pp_coeffic
 
 ORDER = 2  # every solver here is second order
 MIN_STEPS = ORDER + 1  # first and last steps are first order: below this no step reaches the solver's order
-# The default step count of the solvers: the sampler sweep (docs/sweep.md) measured SDE-DPM-Solver++(2M) equal to
-# 1,000-step ancestral DDPM from 10 calls on; 20 leaves a margin for models where the solver error weighs more.
+# The default step count of the solvers: above the count where the sampler sweep (docs/sweep.md) finds
+# SDE-DPM-Solver++(2M) as good as the full ancestral DDPM chain, with a margin for models where the solver error
+# weighs more.
 DEFAULT_SOLVER_STEPS = 20
 
 # (history lambdas, newest first; lambda_t, alpha_t, sigma_t where the step lands; sigma_s at its start)

@@ -21,8 +21,8 @@ def check_opset(opset: int) -> None:
     """Refuse an opset the exporter or the installed onnx cannot write, before any work."""
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
-        raise DDPMError(f"{{opt:opset}} {opset} is out of range: the dynamo exporter needs >= {MIN_OPSET} and the installed "
-                        f"onnx knows opsets up to {newest}")
+        raise DDPMError(f"{{opt:opset}} {opset} is out of range: the dynamo exporter needs >= {MIN_OPSET} and the "
+                        f"installed onnx knows opsets up to {newest}")
 
 
 def export_module(module: torch.nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str],

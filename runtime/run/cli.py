@@ -1,7 +1,9 @@
-"""`ddpm-run`: sample images from an exported model (.onnx, .plan) or a training checkpoint (.pt)."""
+"""`ddpm-run`: sample images from an exported model (.onnx, .plan) or a training checkpoint (.pt); `ddpm-run merge`
+joins the shards of a run split over processes (`--shard`, `runtime.run.shards`)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,32 @@ from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
 from runtime.sampling.noise import check_save_noise, load_noise, save_noise
 from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS, SAMPLERS, Chain, default_sampler, sample_batches
+from runtime.sampling.loop import batch_size_for
 from runtime.sampling.schedule import SPACINGS, VARIANCE_TYPES
+from runtime.run.shards import local_gpu, merge as merge_shards, parse_shard, run_key
 from runtime.run.store import SampleStore
 
 GRID_MAX = 256  # images shown by --grid
 PROGRESSIVE_ROWS = 8  # images shown by --progressive
 
 
-@click.command(context_settings=CONTEXT)
+class _RunByDefault(click.Group):
+    """`ddpm-run MODEL ...` runs the `run` command; `ddpm-run merge ...` is the one other subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_RunByDefault, context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-run")
+def cli() -> None:
+    """Sample images: `ddpm-run MODEL [OPTIONS]` (the run command, see `ddpm-run MODEL --help`); `ddpm-run merge
+    SHARDS... --out OUT` joins the shards of a run split with --shard."""
+
+
+@cli.command("run", context_settings=CONTEXT)
 @model_argument
 @click.option("--n", "n", type=POSITIVE, default=64, show_default=True, help="Number of images.")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
@@ -55,17 +74,31 @@ PROGRESSIVE_ROWS = 8  # images shown by --progressive
               help="Read the chain's noise from a [K+1, N, C, H, W] float32 .npy instead of the seed.")
 @click.option("--save-noise", "noise_out", type=click.Path(path_type=Path), default=None,
               help="Write the seeded noise this run uses as a [K+1, N, C, H, W] float32 .npy.")
+@click.option("--shard", default=None,
+              help="R/W: draw only shard R (from 0) of W of the run, whole batches, into <out stem>.shardR-of-W.npz "
+              "(merge the W files with `ddpm-run merge`: the arrays of one run, bit for bit); auto: R and W from the "
+              "launcher (torchrun, srun, a Slurm job array), one GPU per process on a machine.")
 @force_option()
 def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: str | None, eta: float | None,
         variance_type: str | None, clip: bool | None, seed: int, batch_size: int | None, out: Path,
         grid: Path | None, provider: str, precision: str, cuda_graph: bool, threads: int, noise_file: Path | None,
-        noise_out: Path | None, force: bool, progressive: int | None, source_options: dict[str, Any]) -> None:
+        noise_out: Path | None, force: bool, progressive: int | None, shard: str | None,
+        source_options: dict[str, Any]) -> None:
     """Sample --n images from MODEL (.onnx, .plan, .pt, a diffusers folder or hub id) and write them to --out (and --grid).
 
     Samples go to disk batch by batch (<out>.partial/, one batch in memory); rerunning a killed command resumes it
     with identical results. A run that cannot fit the disk is refused before sampling."""
     if noise_file is not None and noise_out is not None:
         raise DDPMError("--noise and --save-noise exclude each other")
+    part = parse_shard(shard) if shard is not None else None
+    if part is not None:
+        if grid is not None or progressive or noise_out is not None:
+            raise DDPMError("--grid, --progressive and --save-noise show the whole run: make them with a single "
+                            "ddpm-run, not with --shard")
+        out = part.path(out)
+        device = local_gpu(os.environ) if str(shard).strip().lower() == "auto" else None
+        if device is not None and (provider == "cuda" or model.suffix == ".plan"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = device  # before the backend starts CUDA
     figure = out.with_name(out.stem + ".progressive.png") if progressive else None
     outputs = [p for p in (out, grid, noise_out, figure) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
@@ -85,18 +118,26 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
     noise = load_noise(noise_file, n, shape, len(chain)) if noise_file is not None else None
     if noise_out is not None:
         check_save_noise(n, shape)
-    store = SampleStore(out, n, shape, _run_key(model, backend.description, chain, seed, noise_file))
+    size = batch_size_for(n, backend.batch_range, batch_size)
+    key = _run_key(model, backend.description, chain, seed, noise_file)
+    if part is None:
+        indices, store = range(n), SampleStore(out, n, shape, key)
+    else:
+        indices = part.indices(n, size)
+        store = SampleStore(out, len(indices), shape, {**key, "indices": [indices.start, indices.stop]}, indices,
+                            run_key(model, chain, seed, n, size, shape, noise_file, part))
     store.lock(force)
     try:
         done = store.resume_point(force)
-        batches = sample_batches(backend, chain, n, seed=seed, noise=noise, batch_size=batch_size, progress=True,
-                                 first=done)
+        batches = sample_batches(backend, chain, indices.stop, seed=seed,
+                                 noise=None if noise is None else noise[:, :indices.stop], batch_size=size,
+                                 progress=True, first=indices.start + done)
         store.prepare(done)
     except BaseException:
         store.discard_if_new()
         raise
     if done:
-        click.echo(f"resuming {store.dir}: {done} of {n} images were done")
+        click.echo(f"resuming {store.dir}: {done} of {len(indices)} images were done")
     start = time.perf_counter()
     try:
         for first, batch in batches:
@@ -107,7 +148,7 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
     seconds = max(time.perf_counter() - start, 1e-9)
     if grid is not None:
         save_picture(grid, make_grid(to_uint8(store.head(GRID_MAX), backend.info.data_range)), replace=force)
-    store.finish(backend.info.data_range, chunk=batch_size or 64, replace=force)
+    store.finish(backend.info.data_range, chunk=size, replace=force)
     if noise_out is not None:
         save_noise(noise_out, seed, n, shape, len(chain), replace=force)
     if figure is not None:
@@ -116,7 +157,10 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
         save_png(figure, progressive_grid(backend, chain, min(n, PROGRESSIVE_ROWS), seed, progressive, noise),
                  replace=force)
     written = ", ".join(str(p) for p in outputs)
-    click.echo(f"{n - done} images in {seconds:.2f} s ({(n - done) / seconds:.2f} images/s), {chain.describe()}, "
+    drawn = len(indices) - done
+    held = (f"images {indices.start}..{indices.stop - 1} of {n}" if indices else
+            f"none of the {n} images ({-(-n // size)} batches of {size} for {part.world if part else 1} shards)")
+    click.echo((f"shard {part}: {held}; " if part else "") + f"{drawn} images in {seconds:.2f} s ({drawn / seconds:.2f} images/s), {chain.describe()}, "
                f"{backend.description} -> {written}")
 
 
@@ -133,8 +177,26 @@ def _run_key(model: Path, backend: str, chain: Chain, seed: int, noise_file: Pat
             "noise": ident(noise_file) if noise_file is not None else None}
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The merged npz: arr_0 and samples of the whole run.")
+@force_option("Overwrite an existing --out.")
+def merge(shards: tuple[Path, ...], out: Path, force: bool) -> None:
+    """Join the SHARDS of one `ddpm-run --shard` run (all W files, any order, e.g. samples.shard*-of-8.npz) into
+    --out: the npz a single ddpm-run of the run writes, the same arrays bit for bit. Refused, with nothing written,
+    when shards are missing or given twice, or come from other models, chains, seeds or sizes. The shards are read
+    a chunk at a time and kept."""
+    require_suffix(out, (".npz",), "--out", "an npz archive (arr_0 and samples)")
+    check_writable(out, force)
+    start = time.perf_counter()
+    merged = merge_shards(list(shards), out, replace=force)
+    click.echo(f"{len(merged.files)} shards, {merged.n} images of {merged.key['chain']}, seed {merged.key['seed']} "
+               f"-> {out} ({time.perf_counter() - start:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_cli(run, "ddpm-run", argv)
+    run_cli(cli, "ddpm-run", argv)
 
 
 if __name__ == "__main__":  # python -m runtime.run.cli (e.g. from a checkout on PYTHONPATH)

@@ -7,6 +7,10 @@ kill the run restarts at the first image not recorded as done; since image i's n
 the resumed run ends with exactly the samples of an uninterrupted one. The final `.npz` (arr_0: uint8 N x H x W x C,
 samples: float32 N x C x H x W, the layout of `numpy.savez`) is streamed from that file into a temp file and renamed
 into place; then the partial folder is removed.
+
+A shard of a run (`ddpm-run --shard`, `runtime.run.shards`) stores images indices.start..indices.stop-1 of the
+run the same way; its .npz also holds `indices` (int64, the run's image numbers) and `run_key` (JSON text: what the
+shards of one run must share), which `ddpm-run merge` checks.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -43,6 +47,21 @@ def _npy_header(shape: tuple[int, ...], descr: str) -> bytes:
     if pad < 0:
         raise DDPMError(f"array shape {shape} is too large for this format")
     return b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+def write_npz(out: Path, members: Iterable[tuple[str, tuple[int, ...], str, Iterable[np.ndarray]]],
+              replace: bool) -> None:
+    """Write an .npz in numpy.savez's layout (one stored `<name>.npy` per array) atomically, each array streamed
+    from its parts: (name, shape, dtype descr, parts in order). Only one part is in memory at a time."""
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, shape, descr, parts in members:
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    member.write(_npy_header(shape, descr))
+                    for part in parts:
+                        member.write(np.ascontiguousarray(part).tobytes())
+
+    atomic_write(out, write, replace=replace)
 
 
 def final_bytes(n: int, shape: tuple[int, int, int]) -> int:
@@ -74,8 +93,12 @@ def _mkdir(path: Path) -> bool:
 class SampleStore:
     """The partial run of one output file: a float32 .npy filled batch by batch, and its progress record."""
 
-    def __init__(self, out: Path, n: int, shape: tuple[int, int, int], key: dict[str, Any]):
+    def __init__(self, out: Path, n: int, shape: tuple[int, int, int], key: dict[str, Any],
+                 indices: range | None = None, run_key: dict[str, Any] | None = None):
+        """n images; a shard passes the run's image numbers it holds (`indices`, len n) and its `run_key`."""
         self.out, self.n, self.shape, self.key = out, n, tuple(shape), key
+        self.indices, self.run_key = indices, run_key
+        self.offset = indices.start if indices is not None else 0
         self.dir = partial_dir(out)
         self.data = self.dir / "samples.npy"
         self.progress = self.dir / "progress.json"
@@ -168,13 +191,15 @@ class SampleStore:
         atomic_write_bytes(self.progress, json.dumps({"done": done, "n": self.n, "key": self.key}).encode())
 
     def write(self, start: int, batch: np.ndarray) -> None:
-        """Store images start..start+len(batch)-1 durably, then record them as done."""
+        """Store images start..start+len(batch)-1 (numbered over the whole run) durably, then record them as
+        done."""
+        local = start - self.offset
         with open(self.data, "r+b") as f:
-            f.seek(HEADER_BYTES + start * self.image_bytes)
+            f.seek(HEADER_BYTES + local * self.image_bytes)
             f.write(np.ascontiguousarray(batch, dtype="<f4").tobytes())
             f.flush()
             os.fsync(f.fileno())
-        self._write_progress(start + len(batch))
+        self._write_progress(local + len(batch))
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
         """The stored samples, `size` images at a time, read with plain file reads (no memory map, so the
@@ -194,17 +219,11 @@ class SampleStore:
         """Write the final .npz atomically from the stored samples (replace=False: refuse if it exists by now),
         then remove the partial folder."""
         c, h, w = self.shape
-
-        def write(f: BinaryIO) -> None:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                    member.write(_npy_header((self.n, h, w, c), "|u1"))
-                    for part in self.chunks(chunk):
-                        member.write(to_uint8(part, data_range).tobytes())
-                with zf.open("samples.npy", "w", force_zip64=True) as member:
-                    member.write(_npy_header((self.n, c, h, w), "<f4"))
-                    for part in self.chunks(chunk):
-                        member.write(part.tobytes())
-
-        atomic_write(self.out, write, replace=replace)
+        members = [("arr_0", (self.n, h, w, c), "|u1", (to_uint8(part, data_range) for part in self.chunks(chunk))),
+                   ("samples", (self.n, c, h, w), "<f4", self.chunks(chunk))]
+        if self.indices is not None:
+            key = np.array(json.dumps(self.run_key, sort_keys=True))
+            members += [("indices", (self.n,), "<i8", [np.arange(self.indices.start, self.indices.stop)]),
+                        ("run_key", (), key.dtype.str, [key])]
+        write_npz(self.out, members, replace)
         self.discard()

@@ -50,6 +50,16 @@ def _non_finite(chain: Chain, where: str) -> None:
                          "its noise is broken")
 
 
+def batch_size_for(n: int, batch_range: tuple[int, int], requested: int | None = None) -> int:
+    """The batch size of a run of n images: `requested`, else min(n, DEFAULT_BATCH) within the model's range. Image
+    i's batch is then [i // size * size, ...), which sharded runs (`runtime.run.shards`) keep."""
+    lo, hi = batch_range
+    size = requested if requested is not None else max(lo, min(n, hi, DEFAULT_BATCH))
+    if not 1 <= size <= hi:
+        raise DDPMError(f"{{opt:batch_size}} must lie in 1..{hi} for this model, got {size}")
+    return size
+
+
 def sample_batches(model: Any, chain: Chain, n: int, *, image_shape: tuple[int, int, int] | None = None,
                    seed: int = 0, noise: np.ndarray | None = None, batch_size: int | None = None,
                    progress: bool = False, first: int = 0, overlap_noise: bool = True) \
@@ -65,15 +75,11 @@ def sample_batches(model: Any, chain: Chain, n: int, *, image_shape: tuple[int, 
     shape = tuple(model.info.image_shape) if is_backend else image_shape
     if shape is None:
         raise DDPMError("give image_shape when sampling from a bare eps function")
-    lo, hi = model.batch_range if is_backend else (1, n)
     if n < 1:
         raise DDPMError(f"{{opt:n}} must be >= 1, got {n}")
     if not 0 <= first <= n:
         raise DDPMError(f"first image {first} lies outside 0..{n}")
-    if batch_size is None:
-        batch_size = max(lo, min(n, hi, DEFAULT_BATCH))
-    if not 1 <= batch_size <= hi:
-        raise DDPMError(f"{{opt:batch_size}} must lie in 1..{hi} for this model, got {batch_size}")
+    batch_size = batch_size_for(n, model.batch_range if is_backend else (1, n), batch_size)
     # x_t, its successor, the model output (up to 2C channels) and two noise draws, at the least
     require_memory(6 * batch_size * int(np.prod(shape)) * 4, f"a batch of {batch_size} images", "lower {opt:batch_size}")
     if noise is not None and (noise.ndim != 5 or noise.shape[:2] != (len(chain) + 1, n) or noise.shape[2:] != shape):

@@ -35,12 +35,22 @@ def fit_picture(img: Image.Image, channels: int, size: tuple[int, int]) -> np.nd
 
 
 def read_folder(data_dir: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Every picture under `data_dir` (recursively, sorted by path) through `fit_picture`: uint8 N x C x H x W.
-    Decompression bombs (PIL's limit, and the warning zone up to twice it) and unreadable files are refused by name."""
+    """Every picture under `data_dir` (recursively, sorted by path) through `fit_picture`: uint8 N x C x H x W."""
+    return read_pictures(picture_files(data_dir), image_shape)
+
+
+def picture_files(data_dir: Path) -> list[Path]:
+    """The pictures under `data_dir`, recursively, sorted by path; none is one DDPMError."""
     files = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DDPMError(f"{data_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); point {{opt:data_dir}} at a folder "
                         "of pictures")
+    return files
+
+
+def read_pictures(files: list[Path], image_shape: tuple[int, int, int]) -> np.ndarray:
+    """`files` through `fit_picture`: uint8 N x C x H x W. Decompression bombs (PIL's limit, and the warning zone up
+    to twice it) and unreadable files are refused by name."""
     images = []
     for path in files:
         try:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
 from runtime.errors import DDPMError
+from evaluation.fid import FeatureStats
 from evaluation.frechet import frechet_from_stats, gaussian_stats
 from train.data import mnist_arrays
 
@@ -119,3 +121,16 @@ class DigitQuality:
         labels, conf = classify(images_uint8_nhwc)
         confident = (conf >= CONFIDENT) & (labels != NOT_A_DIGIT)
         return cls(len(labels), float(np.mean(confident)), np.bincount(labels, minlength=NOT_A_DIGIT + 1))
+
+
+def digit_scores(batches: Iterable[np.ndarray]) -> tuple[DigitQuality, float]:
+    """`DigitQuality.of` and `digit_frechet` of all images of uint8 N x H x W x C batches, one batch in memory at a
+    time: labels count per image and the Frechet statistics add up (`evaluation.fid.FeatureStats`)."""
+    stats, histogram, confident = FeatureStats(), np.zeros(NOT_A_DIGIT + 1, np.int64), 0
+    for batch in batches:
+        labels, conf = classify(batch)
+        histogram += np.bincount(labels, minlength=NOT_A_DIGIT + 1)
+        confident += int(np.sum((conf >= CONFIDENT) & (labels != NOT_A_DIGIT)))
+        stats.add(features(batch))
+    mu, cov = stats.mean_cov()
+    return DigitQuality(stats.n, confident / stats.n, histogram), frechet_from_stats(mu, cov, *_reference_stats())

@@ -2,8 +2,10 @@
 Frechet distance, so our numbers compare with papers'. The weights file is the user's
 (pt_inception-2015-12-05-6726825d.pth): pytorch-fid would download it, we hand it the file instead.
 
-Features are reduced to (mean, covariance) batch by batch, so no image set needs to be in memory at once; the
-statistics of a reference set are cached per (reference files, n, weights) under the user's cache folder.
+Features are reduced to (mean, covariance) batch by batch, so no image set needs to be in memory at once (samples
+are read from their .npz, or from all shards of a sharded ddpm-run, a batch at a time); the statistics of a
+reference set are cached per (reference files, n, weights) under the user's cache folder. pytorch-fid computes FID
+only: no Inception Score, no KID.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from unittest import mock
 
 import numpy as np
 
 from runtime.errors import DDPMError
 from runtime.fileio import atomic_write_bytes, file_sha256
+from runtime.images import picture_files, read_pictures
+from runtime.run.shards import SampleFile, SampleSet
 
 DIMS = 2048  # pool_3 features, the FID standard
 BATCH = 50  # pytorch-fid's default batch
@@ -151,3 +155,37 @@ def cached_statistics(key: str, compute: Any) -> tuple[np.ndarray, np.ndarray, i
     except (OSError, DDPMError):
         pass
     return mu, sigma, n
+
+
+def reference(ref: Path, shape: tuple[int, int, int]) -> tuple[dict[str, Any], int, Callable[[], Iterator[np.ndarray]]]:
+    """A reference set: its identity for the cache (a folder: its pictures' sorted names with sizes and mtimes, and
+    the `shape` C x H x W they are read at, the samples'; an .npz: its sha256), its size, and its images as uint8
+    N x H x W x C batches."""
+    if ref.is_dir():
+        files = picture_files(ref)
+        stats = [(p.relative_to(ref).as_posix(), p.stat()) for p in files]
+        identity = {"folder": [[name, st.st_size, st.st_mtime_ns] for name, st in stats], "shape": list(shape)}
+
+        def batches() -> Iterator[np.ndarray]:
+            for start in range(0, len(files), BATCH):
+                yield read_pictures(files[start:start + BATCH], shape).transpose(0, 2, 3, 1)
+
+        return identity, len(files), batches
+    if ref.suffix.lower() == ".npz" and ref.is_file():
+        real = SampleFile.open(ref)
+        return {"npz": file_sha256(ref)}, real.n, lambda: real.chunks("arr_0", BATCH)
+    raise DDPMError(f"{{opt:ref}} {ref} is neither mnist, a folder of images nor an .npz file")
+
+
+def score(samples: SampleSet, ref: Path, weights: str | os.PathLike | None) -> dict[str, Any]:
+    """FID of `samples` against the real images of `ref` (statistics cached), with both set sizes."""
+    if weights is None:
+        raise DDPMError("FID needs {opt:inception_weights} PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth); "
+                        "nothing is downloaded")
+    h, w, c = samples.image_shape
+    identity, ref_n, batches = reference(ref, (c, h, w))
+    net = load_inception(weights)
+    mu, sigma, n = statistics(net, samples.chunks("arr_0", BATCH))
+    ref_mu, ref_sigma, ref_n = cached_statistics(reference_key(identity, ref_n, weights),
+                                                 lambda: statistics(net, batches()))
+    return {"fid": frechet((mu, sigma), (ref_mu, ref_sigma)), "n": n, "ref_n": ref_n}

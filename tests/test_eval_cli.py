@@ -143,27 +143,6 @@ def test_quality_mnist_scores_real_digits_as_real(tmp_path, capsys):
     assert sum(good["histogram"]) == 256
 
 
-def test_fid_runs_with_a_random_weights_file(tmp_path, capsys):
-    """The FID code path end to end, with random Inception weights (the real file is never downloaded here)."""
-    from evaluation.inception import FIDInception
-
-    weights = tmp_path / "random_inception.pth"
-    torch.set_num_threads(1)  # several threads on a busy 2-core machine are many times slower
-    torch.manual_seed(0)
-    torch.save(FIDInception().state_dict(), weights)
-    rng = np.random.default_rng(0)
-    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    np.savez(a, arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
-    np.savez(b, arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
-    run("quality", a, "--ref", b, "--inception-weights", weights, "--json", tmp_path / "f.json")
-    got = json.loads((tmp_path / "f.json").read_text())
-    assert np.isfinite(got["fid"]) and got["fid"] >= 0 and got["ref_n"] == 3
-    assert "needs --inception-weights" in fail(capsys, "quality", a, "--ref", b)
-    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
-    assert "does not hold the FID Inception weights" in fail(capsys, "quality", a, "--ref", b,
-                                                             "--inception-weights", tmp_path / "wrong.pth")
-
-
 def test_frechet_distance_matches_scipy():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     from evaluation.frechet import frechet_distance

@@ -4,6 +4,8 @@ distances mean nothing, their equality is what is checked."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from unittest import mock
@@ -97,3 +99,61 @@ def test_weights_that_are_not_the_fid_network_are_refused(tmp_path: Path) -> Non
     (tmp_path / "text.pth").write_text("not weights")
     with pytest.raises(fid.DDPMError, match="not a loadable weights file"):
         fid.load_inception(tmp_path / "text.pth")
+
+
+@pytest.mark.slow
+def test_quality_scores_shards_as_their_merged_file_and_caches_the_reference(weights: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ddpm-eval quality` on the shards of a run gives the FID of the merged file (streamed statistics); the folder
+    reference is computed once, and keyed anew when one of its files changes; n is printed and a small n warned
+    about."""
+    from evaluation.cli import main as ddpm_eval
+    from runtime.run.cli import main as ddpm_run
+    from test_streaming import cheap_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    model = cheap_model(tmp_path / "cheap.onnx", (3, 16, 16))
+    for rank in range(2):
+        ddpm_run([str(model), "-n", "3", "--batch-size", "2", "--steps", "3", "--out", str(tmp_path / "s.npz"),
+                  "--shard", f"{rank}/2", "-q"])
+    shards = [str(tmp_path / f"s.shard{rank}-of-2.npz") for rank in range(2)]
+    ddpm_run(["merge", *shards, "--out", str(tmp_path / "merged.npz")])
+    ref = _write_pngs(_images(2, 3, 3, 16), tmp_path / "ref")
+    capsys.readouterr()
+    reports = {}
+    for name, files in (("shards", shards), ("merged", [str(tmp_path / "merged.npz")])):
+        ddpm_eval(["quality", *files, "--ref", str(ref), "--inception-weights", str(weights), "--json",
+                   str(tmp_path / f"{name}.json")])
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        out, err = capsys.readouterr()
+        assert f"FID {reports[name]['fid']:.3f}: n = 3 samples vs n = 2 images of {ref}" in out
+        assert err.strip() == "warning: FID at n < 2048 is dominated by bias; compare only at equal n"
+    assert reports["shards"]["n"] == reports["merged"]["n"] == 3 and reports["shards"]["ref_n"] == 2
+    assert reports["shards"]["fid"] > 0
+    assert reports["shards"]["fid"] == pytest.approx(reports["merged"]["fid"], rel=1e-6)
+    assert len(list(fid.cache_dir().iterdir())) == 1  # both runs used one cached reference
+    identity, n, _ = fid.reference(ref, (3, 16, 16))
+    os.utime(ref / "000.png", ns=(0, 0))
+    assert fid.reference_key(fid.reference(ref, (3, 16, 16))[0], n, weights) != fid.reference_key(identity, n, weights)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "FID needs --inception-weights PATH"),
+    (["--inception-weights", "WEIGHTS", "--ref", "/nonexistent"], "--ref /nonexistent is neither mnist, a folder"),
+    (["--inception-weights", "OTHER"], "does not hold the FID Inception weights"),
+])
+def test_quality_refusals_are_one_line(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       args: list[str], message: str) -> None:
+    from evaluation.cli import main as ddpm_eval
+
+    samples, ref = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(samples, arr_0=_images(3, 1))
+    np.savez(ref, arr_0=_images(3, 2))
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    names = {"WEIGHTS": str(weights), "OTHER": str(tmp_path / "other.pth")}
+    with pytest.raises(SystemExit) as exc:
+        ddpm_eval(["quality", str(samples), "--ref", str(ref), *[names.get(a, a) for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and message in err[0], err

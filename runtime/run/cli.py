@@ -3,7 +3,6 @@ joins the shards of a run split over processes (`--shard`, `runtime.run.shards`)
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from runtime.sampling.noise import check_save_noise, load_noise, save_noise
 from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS, SAMPLERS, Chain, default_sampler, sample_batches
 from runtime.sampling.loop import batch_size_for
 from runtime.sampling.schedule import SPACINGS, VARIANCE_TYPES
-from runtime.run.shards import local_gpu, merge as merge_shards, parse_shard, run_key
+from runtime.run.shards import claim_local_gpu, merge as merge_shards, parse_shard, run_key
 from runtime.run.store import SampleStore
 
 GRID_MAX = 256  # images shown by --grid
@@ -45,7 +44,8 @@ def cli() -> None:
 
 @cli.command("run", context_settings=CONTEXT)
 @model_argument
-@click.option("--n", "n", type=POSITIVE, default=64, show_default=True, help="Number of images.")
+@click.option("-n", "--n", "n", type=POSITIVE, default=64, show_default=True,
+              help="Number of images (-n under torchrun, whose own parser takes --n for its options).")
 @click.option("--steps", default=None, help="Sampling steps: K, ddimK (uniform stride) or section counts like "
               "10,20,30 (ddpm, ddim); K for the solvers. Default: all T steps for ddpm and ddim, "
               f"{DEFAULT_SOLVER_STEPS} for the solvers.")
@@ -96,9 +96,7 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
             raise DDPMError("--grid, --progressive and --save-noise show the whole run: make them with a single "
                             "ddpm-run, not with --shard")
         out = part.path(out)
-        device = local_gpu(os.environ) if str(shard).strip().lower() == "auto" else None
-        if device is not None and (provider == "cuda" or model.suffix == ".plan"):
-            os.environ["CUDA_VISIBLE_DEVICES"] = device  # before the backend starts CUDA
+        claim_local_gpu(shard, provider, model)
     figure = out.with_name(out.stem + ".progressive.png") if progressive else None
     outputs = [p for p in (out, grid, noise_out, figure) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
@@ -160,7 +158,8 @@ def run(model: Path, n: int, steps: str | None, sampler: str | None, spacing: st
     drawn = len(indices) - done
     held = (f"images {indices.start}..{indices.stop - 1} of {n}" if indices else
             f"none of the {n} images ({-(-n // size)} batches of {size} for {part.world if part else 1} shards)")
-    click.echo((f"shard {part}: {held}; " if part else "") + f"{drawn} images in {seconds:.2f} s ({drawn / seconds:.2f} images/s), {chain.describe()}, "
+    click.echo((f"shard {part}: {held}; " if part else "") +
+               f"{drawn} images in {seconds:.2f} s ({drawn / seconds:.2f} images/s), {chain.describe()}, "
                f"{backend.description} -> {written}")
 
 

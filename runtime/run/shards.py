@@ -21,7 +21,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, MutableMapping
 
 import numpy as np
 
@@ -139,6 +139,18 @@ def local_gpu(environ: Mapping[str, str]) -> str | None:
     return devices[int(local) % len(devices)] if len(devices) > 1 else None
 
 
+def claim_local_gpu(spec: str | None, provider: str, model: Path, environ: MutableMapping[str, str] | None = None) \
+        -> None:
+    """Under `{opt:shard} auto` on a GPU ({opt:provider} cuda, a TensorRT .plan), let this process see only its own
+    GPU (`local_gpu`); call it before a backend starts CUDA."""
+    environ = os.environ if environ is None else environ
+    if spec is None or spec.strip().lower() != "auto" or not (provider == "cuda" or model.suffix == ".plan"):
+        return
+    device = local_gpu(environ)
+    if device is not None:
+        environ["CUDA_VISIBLE_DEVICES"] = device
+
+
 def model_sha256(model: Path) -> str:
     """The model's identity across machines: sha256 of its file, of a folder's files (names and contents), or of
     a hub id's text when it is not a path here."""
@@ -204,10 +216,11 @@ class SampleFile:
         """Array `name` of this file, `size` images at a time, read from the zip member as a stream."""
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{name}.npy") as f:
             shape, dtype = _header(f)
-            image = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             for start in range(0, shape[0], size):
-                count = min(size, shape[0] - start)
-                yield np.frombuffer(f.read(count * image), dtype=dtype).reshape(count, *shape[1:])
+                part = np.empty((min(size, shape[0] - start), *shape[1:]), dtype)
+                if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                    raise DDPMError(f"{self.path} ends inside {name} (truncated?); write it again")
+                yield part
 
     def member_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{name}.npy") as f:
@@ -240,8 +253,8 @@ def check_shards(files: list[SampleFile]) -> list[SampleFile]:
     first = files[0]
     for f in files:
         if f.key is None:
-            raise DDPMError(f"{f.path} is not a shard (it has no run_key); pass the files ddpm-run {{opt:shard}} wrote, "
-                            "or one merged file alone")
+            raise DDPMError(f"{f.path} is not a shard (it has no run_key); pass the files ddpm-run {{opt:shard}} "
+                            "wrote, or one merged file alone")
         for field in KEY_NAMES:
             if f.key.get(field) != first.key.get(field):
                 raise DDPMError(f"{first.path} and {f.path} come from different {KEY_NAMES[field]}: "

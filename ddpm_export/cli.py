@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from runtime.cli_common import CONTEXT, FINITE, force_option, model_argument, run_cli
+from runtime.cli_common import CONTEXT, FINITE, POSITIVE, force_option, model_argument, run_cli
 from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
+from runtime.serving.sampler import DEFAULT_MAX_CALLS
 
 
 class _ExportByDefault(click.Group):
@@ -136,17 +137,21 @@ def build_engine_cmd(model: Path, plan: Path | None, max_batch: int | None, min_
               "ddpm and ddim]")
 @click.option("--spacing", default=None, help="default spacing (as ddpm-run --spacing)")
 @click.option("--eta", type=FINITE, default=None, help="default DDIM eta of ddim requests  [default: 0]")
+@click.option("--max-model-calls", type=POSITIVE, default=None,
+              help="most model calls per image a request's chain may take; longer ones are refused  [default: "
+              f"{DEFAULT_MAX_CALLS}, or the default chain's when longer]")
 @force_option("Replace an existing repository folder.")
 def triton_repo_cmd(export_dir: Path, out: Path, graph: str | None, kind: str, instances: int,
                     sampler_instances: int, max_batch: int | None, queue_delay_us: int, sampler: str,
-                    steps: str | None, spacing: str | None, eta: float | None, force: bool) -> None:
+                    steps: str | None, spacing: str | None, eta: float | None, max_model_calls: int | None,
+                    force: bool) -> None:
     """Write a model repository for the official Triton containers from EXPORT_DIR (see README, Serving)."""
     from runtime.serving.triton_repo import write_repository
 
     written = write_repository(export_dir, out, graph=graph, kind=kind, instances=instances,
                                sampler_instances=sampler_instances, max_batch=max_batch,
                                queue_delay_us=queue_delay_us, sampler=sampler, steps=steps, spacing=spacing,
-                               eta=eta, force=force)
+                               eta=eta, max_model_calls=max_model_calls, force=force)
     for name, path in written.items():
         click.echo(f"{name:>10}: {path}")
 

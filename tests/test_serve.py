@@ -1,11 +1,11 @@
-"""`ddpm-serve` on Triton (PyTriton), loopback only: exact images under concurrent load, batching, bad requests,
-clean shutdown. The request handling itself (`runtime.serving.sampler.Sampler`) is also checked without Triton."""
+"""`ddpm-serve` on Triton, loopback only: exact images under concurrent load, batching, bad requests refused alone
+and in one line, the per-request limit, clean shutdown. The request handling itself
+(`runtime.serving.sampler.Sampler`) is also checked without Triton."""
 
 from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +18,9 @@ from runtime.backends import open_model
 from runtime.run.cli import main as ddpm_run
 from runtime.errors import DDPMError
 from runtime.sampling import Chain, sample
-from runtime.serving.sampler import Sampler
-from benchmarks.serving import free_ports
+from runtime.serving.sampler import DEFAULT_MAX_CALLS, Sampler
+from benchmarks.serving import LEAK, MALFORMED, free_ports, mixed_load, start_server
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 MAX_BATCH = 4  # tiny_export_dir's largest batch
 DDIM = {"sampler": "ddim", "steps": "ddim8", "eta": 0.5}
@@ -55,6 +54,15 @@ def test_sampler_groups_mixed_chains_and_matches_sample(tiny_export_dir):
     assert np.array_equal(got[1], seven_ddim[[1, 3]])
     solver_chain = Chain.build(backend.info.diffusion, "sde-dpm++2m", STEPS)  # a solver: no eta, the server's steps
     assert np.array_equal(got[2], sample(backend, solver_chain, 3, seed=2)[[2]])
+    two = {"seed": np.array([[1], [1]]), "index": np.array([[0], [0]])}
+    for bad, message in (({**two, "index": np.array([[0], [-2]])}, "row 2 of 2: seed and index must be >= 0"),
+                         ({**two, "steps": np.array([[b"8"], [b"abc"]], dtype=object)}, "row 2 of 2: .*'abc'"),
+                         ({**two, "sampler": np.array([[b"ddpm"]] * 2, dtype=object),
+                           "steps": np.array([[b"1000"]] * 2, dtype=object)},
+                          f"row 1 of 2: this chain takes 1000 model calls per image and this server allows "
+                          f"{DEFAULT_MAX_CALLS}; ask for fewer steps")):
+        with pytest.raises(DDPMError, match=message):
+            sampler.rows(bad)
     for bad in ({"seed": np.array([[-1]]), "index": np.array([[0]])},
                 {"seed": np.array([[0]]), "index": np.array([[0]]), "sampler": np.array([[b"euler"]], dtype=object)},
                 {"seed": np.array([[0]]), "index": np.array([[0]]), "steps": np.array([[b"many"]], dtype=object)},
@@ -63,6 +71,25 @@ def test_sampler_groups_mixed_chains_and_matches_sample(tiny_export_dir):
                 {"seed": np.array([[0]]), "index": np.array([[0]]), "spacing": np.array([[b"odd"]], dtype=object)}):
         with pytest.raises(DDPMError):
             sampler.rows(bad)
+
+
+def test_call_limit_is_the_servers_choice_and_fits_its_default_chain(tiny_export_dir):
+    """--max-model-calls caps each request's chain; the default cap leaves room for the server's own default chain,
+    and a cap below it is refused at start."""
+    backend = open_model(tiny_export_dir / "model.onnx", threads=1)
+    one = {"seed": np.array([[0]]), "index": np.array([[0]])}
+
+    def steps(k: int) -> dict[str, np.ndarray]:
+        return {**one, "sampler": np.array([[b"ddpm"]], dtype=object), "steps": np.array([[str(k).encode()]], object)}
+
+    capped = Sampler(backend, "ddpm", "10", max_model_calls=12)
+    assert capped.rows(steps(12))[0].options.steps == "12"
+    with pytest.raises(DDPMError, match="this chain takes 13 model calls per image and this server allows 12"):
+        capped.rows(steps(13))
+    assert Sampler(backend, "ddpm", None).max_model_calls == 1000  # all T steps by default: the cap follows
+    assert Sampler(backend, "ddpm", "20").max_model_calls == DEFAULT_MAX_CALLS
+    with pytest.raises(DDPMError, match=r"max_model_calls 10 is below the 20 model calls of the default chain"):
+        Sampler(backend, "ddpm", "20", max_model_calls=10)
 
 
 # ---- against a running server (needs the serve extra) ----
@@ -86,24 +113,14 @@ def port_free(port: int) -> bool:
 def server(tiny_export_dir, tmp_path_factory):
     pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
     pytest.importorskip("tritonclient.grpc", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
-    from runtime.serving.client import ImageClient
-
-    http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    # A long queue delay makes the concurrent test's requests meet in one model batch.
-    cmd = [sys.executable, "-m", "runtime.serving.cli", str(tiny_export_dir / "model.onnx"), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--steps", str(STEPS), "--max-batch",
-           str(MAX_BATCH), "--queue-delay-us", "300000", "--threads", "1"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    client = ImageClient(f"127.0.0.1:{http}")
-    deadline = time.monotonic() + 120
-    while not client.ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"ddpm-serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"proc": proc, "http": http, "grpc": grpc, "metrics": metrics, "log": log}
+    # A long queue delay makes the concurrent tests' requests meet in one model batch.
+    try:
+        proc, ports = start_server(tiny_export_dir / "model.onnx", "--steps", str(STEPS), "--max-batch",
+                                   str(MAX_BATCH), "--queue-delay-us", "300000", "--threads", "1", log=log)
+    except DDPMError:
+        pytest.fail(f"ddpm-serve did not become ready:\n{log.read_text()[-3000:]}")
+    yield {"proc": proc, **ports, "log": log}
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -146,34 +163,63 @@ def test_concurrent_requests_are_exact_and_batched(server, tiny_export_dir, tmp_
     assert max(merged) > 2, merged  # 2 rows is the largest request
 
 
+@pytest.mark.slow
+def test_bad_requests_fail_alone_under_concurrent_load(server, tiny_export_dir, tmp_path):
+    """Rounds of 8 good one-image requests and 4 malformed ones sent at once (HTTP and gRPC), so that Triton merges
+    them into model batches: every good one comes back equal to ddpm-run's image, every malformed one is refused
+    with one line (HTTP 400 / gRPC INVALID_ARGUMENT), no traceback or path; the server serves on."""
+    result = mixed_load(f"127.0.0.1:{server['http']}", f"127.0.0.1:{server['grpc']}", rounds=4)
+    assert not result.good_failed, result.summary() + f"; {result.good_failed[0]}"
+    assert not result.bad_accepted and len(result.refusals) == 16, result.summary()
+    assert {what for what, _, _ in result.refusals} == set(MALFORMED)
+    assert {status for _, status, _ in result.refusals} == {"400", "StatusCode.INVALID_ARGUMENT"}
+    assert not result.leaks and all("\n" not in message for _, _, message in result.refusals), result.refusals
+    want = reference(tiny_export_dir, tmp_path, 5, 32)
+    assert sorted(result.images) == [(5, i) for i in range(32)]
+    for (_, index), image in result.images.items():
+        assert np.array_equal(image, want[index]), index
+    merged = client(server, "grpc").batch_sizes()
+    assert max(merged) > 1, merged  # requests did meet in model batches
+    assert client(server).request([5], [0]).tobytes() == want[0].tobytes()
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_malformed_requests_get_errors_and_server_keeps_serving(server, protocol):
+def test_malformed_requests_get_one_line_and_server_keeps_serving(server, protocol):
     from tritonclient.utils import InferenceServerException
 
     c = client(server, protocol)
     one = {"seed": np.zeros((1, 1), np.int64), "index": np.zeros((1, 1), np.int64)}
-    bad = {
-        "negative index": {**one, "index": np.full((1, 1), -1, np.int64)},
-        "negative seed": {**one, "seed": np.full((1, 1), -5, np.int64)},
+    refused_by_triton = {  # types, shapes, missing inputs, rows: Triton's own checks
         "too many images": {"seed": np.zeros((MAX_BATCH + 1, 1), np.int64),
                             "index": np.arange(MAX_BATCH + 1, dtype=np.int64).reshape(-1, 1)},
         "no images": {"seed": np.zeros((0, 1), np.int64), "index": np.zeros((0, 1), np.int64)},
         "float seed": {**one, "seed": np.zeros((1, 1), np.float32)},
+        "missing index": {"seed": one["seed"]},
+    }
+    refused_by_the_model = {
+        **MALFORMED,
         "unknown sampler": {**one, "sampler": np.array([[b"euler"]], dtype=object)},
         "bad steps": {**one, "steps": np.array([[b"lots"]], dtype=object)},
         "eta out of range": {**one, "eta": np.full((1, 1), 3.0)},
         "eta for a solver": {**one, "sampler": np.array([[b"dpm++2m"]], dtype=object), "eta": np.full((1, 1), 0.5)},
         "bad spacing": {**one, "spacing": np.array([[b"sideways"]], dtype=object)},
-        "missing index": {"seed": one["seed"]},
+        "chain over the limit": {**one, "sampler": np.array([[b"ddpm"]], dtype=object),
+                                 "steps": np.array([[b"1000"]], dtype=object)},
     }
-    for what, arrays in bad.items():
+    invalid = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+    for what, arrays in {**refused_by_triton, **refused_by_the_model}.items():
         with pytest.raises(DDPMError, match="server refused the request") as exc:
             c.infer(arrays)
             pytest.fail(f"{what}: accepted")
-        assert isinstance(exc.value.__cause__, InferenceServerException), what
-        assert "Traceback" not in str(exc.value), what
+        cause = exc.value.__cause__
+        assert isinstance(cause, InferenceServerException), what
+        assert "\n" not in cause.message() and not LEAK.search(cause.message()), (what, cause.message())
+        assert what in refused_by_triton or str(cause.status()) == invalid, (what, cause.status())
     with pytest.raises(DDPMError, match="unknown sampler 'euler'; use one of"):
         c.request([0], [0], sampler="euler")
+    with pytest.raises(DDPMError, match=r"this chain takes 1000 model calls per image and this server allows "
+                                        rf"{DEFAULT_MAX_CALLS}; ask for fewer steps"):
+        c.request([0], [0], sampler="ddpm", steps=1000)
     assert c.ready()
     assert c.request([0], [1]).shape == (1, 1, 32, 32)
 

@@ -22,6 +22,7 @@ from runtime.errors import DDPMError
 from runtime.metadata import ModelInfo
 from runtime.sampling import DEFAULT_SAMPLER, Chain, sample
 from runtime.sampling.schedule import DiffusionConfig
+from benchmarks.serving import LEAK, MALFORMED, mixed_load
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="needs tritonclient (the serve extra)")
@@ -56,6 +57,8 @@ def test_configs_parse_with_triton_schema_and_say_what_the_export_is(repo, tiny_
     assert [(o.name, list(o.dims)) for o in loop.output] == [("image", [1, 32, 32])]
     assert loop.parameters["default_steps"].string_value == "8"
     assert loop.parameters["default_eta"].string_value == ""  # ddim's own default, 0
+    assert loop.parameters["max_model_calls"].string_value == ""  # the sampler's default cap
+    assert "source" not in loop.parameters  # eps through BLS calls, not a model of its own
     assert (repo / "ddpm_eps" / "1" / "model.onnx").read_bytes() == (tiny_export_dir / "model.onnx").read_bytes()
     assert (repo / "ddpm" / "1" / "runtime" / "sampling" / "loop.py").is_file()
     info = ModelInfo.from_metadata(json.loads((repo / "ddpm" / "1" / "model_info.json").read_text()), "repo")
@@ -81,6 +84,8 @@ def test_bad_arguments_are_refused(tiny_export_dir, repo, tmp_path):
         write_repository(tiny_export_dir, tmp_path / "r2", max_batch=5)
     with pytest.raises(DDPMError, match="unknown sampler"):
         write_repository(tiny_export_dir, tmp_path / "r3", sampler="euler")
+    with pytest.raises(DDPMError, match="max_model_calls 10 is below the 20 model calls of the default chain"):
+        write_repository(tiny_export_dir, tmp_path / "r4", steps="20", max_model_calls=10)
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
@@ -96,11 +101,16 @@ class _Tensor:
 
 
 class _Error:
-    def __init__(self, message: str):
-        self._message = message
+    INTERNAL, INVALID_ARG = "INTERNAL", "INVALID_ARG"
+
+    def __init__(self, message: str, code: str = INTERNAL):
+        self._message, self._code = message, code
 
     def message(self) -> str:
         return self._message
+
+    def code(self) -> str:
+        return self._code
 
 
 class _Response:
@@ -142,7 +152,8 @@ def fake_pb_utils(eps_graph: Path, config: dict) -> types.ModuleType:
 
 def test_python_model_answers_each_request_like_ddpm_run(repo, tiny_export_dir, monkeypatch):
     """model.py of the repository, driven the way the Python backend drives it: images equal `sample` for the same
-    seeds and indices (ddpm-run's function), and a bad request fails alone."""
+    seeds and indices (ddpm-run's function), and each bad request of the batch fails alone, with one line and
+    INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)."""
     eps_config_dict = json_format.MessageToDict(parse(repo / "ddpm_eps" / "config.pbtxt"),
                                                 preserving_proto_field_name=True)
     loop_config = json_format.MessageToDict(parse(repo / "ddpm" / "config.pbtxt"), preserving_proto_field_name=True)
@@ -163,9 +174,15 @@ def test_python_model_answers_each_request_like_ddpm_run(repo, tiny_export_dir, 
             tensors[name] = _Tensor(name, array)
         return tensors
 
+    malformed = {what: {k: _Tensor(k, v) for k, v in arrays.items()} for what, arrays in MALFORMED.items()}
+    malformed["chain over the limit"] = request([5], [0], sampler="ddpm", steps="1000")
     responses = model.execute([request([5, 5], [2, 0]), request([5], [1], sampler="euler"),
                                request([5], [3], sampler="ddim", steps="ddim8", eta=0.5),
-                               request([5], [1], sampler="dpm++2m")])
+                               request([5], [1], sampler="dpm++2m"), *malformed.values()])
+    for what, response in zip(malformed, responses[4:]):
+        assert response.has_error() and response.error().code() == _Error.INVALID_ARG, what
+        assert "\n" not in response.error().message() and not LEAK.search(response.error().message()), what
+    assert "this chain takes 1000 model calls per image" in responses[-1].error().message()
     backend = open_model(tiny_export_dir / "model.onnx")
     default = sample(backend, Chain.build(backend.info.diffusion, DEFAULT_SAMPLER, "8"), 4, seed=5)
     ddim = sample(backend, Chain.build(backend.info.diffusion, "ddim", "ddim8", 0.5), 4, seed=5)
@@ -207,7 +224,7 @@ class TritonPythonModel:
 def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
     """The generated repository (CPU instances) on the tritonserver binary that PyTriton ships, with the eps model's
     ONNX Runtime backend (absent there) replaced by a Python stand-in: both configs load, the BLS loop answers
-    concurrent HTTP and gRPC requests with ddpm-run's images, and a bad request fails alone."""
+    concurrent HTTP and gRPC requests with ddpm-run's images, and bad requests merged with good ones fail alone."""
     pytest.importorskip("pytriton", reason="needs the serve extra")
     import signal
     import socket
@@ -264,6 +281,7 @@ def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
 
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(job, range(6)))
+        mixed = mixed_load(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", rounds=3)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -277,6 +295,13 @@ def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
     assert np.array_equal(results[1], ddim[[0, 3]])
     for k in (0, 3, 4, 5):  # requests without a sampler: the repository's default chain, as ddpm-run's
         assert np.array_equal(results[k], default[[k]])
+    # Good and malformed requests at once: the good ones all answered, exact; the bad ones refused alone, in one line.
+    assert not mixed.good_failed and not mixed.bad_accepted and len(mixed.refusals) == 12, mixed.summary()
+    assert {status for _, status, _ in mixed.refusals} == {"400", "StatusCode.INVALID_ARGUMENT"}
+    assert not mixed.leaks, mixed.refusals
+    want = sample(backend, Chain.build(backend.info.diffusion, DEFAULT_SAMPLER, "8"), 24, seed=5)
+    assert sorted(mixed.images) == [(5, i) for i in range(24)]
+    assert all(np.array_equal(image, want[i]) for (_, i), image in mixed.images.items())
 
 
 def test_plan_is_served_with_its_profile(tiny_export_dir, tmp_path):

@@ -1,21 +1,21 @@
-"""`ddpm-serve`: serve a model on Triton (through PyTriton) with `ddpm-run`'s chains, per (seed, index) image."""
+"""`ddpm-serve`: serve a model on Triton (as PyTriton ships it) with `ddpm-run`'s chains, per (seed, index) image."""
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from runtime.backends import open_model
-from runtime.cli_common import CONTEXT, FINITE, backend_options, choice, model_argument, run_cli
+from runtime.cli_common import CONTEXT, FINITE, POSITIVE, backend_options, choice, model_argument, run_cli
 from runtime.errors import DDPMError
-from runtime.sampling import DEFAULT_SAMPLER, SAMPLERS, default_sampler
+from runtime.sampling import DEFAULT_SAMPLER, SAMPLERS
 from runtime.sampling.schedule import SPACINGS
-from runtime.serving.sampler import Sampler
+from runtime.serving.sampler import DEFAULT_MAX_CALLS
 from runtime.serving.schema import MODEL_NAME
-from runtime.serving.server import check_port, import_pytriton, serve
+from runtime.serving.server import check_port, import_pytriton, model_config, serve
 
 
 @click.command(context_settings=CONTEXT)
@@ -36,14 +36,17 @@ from runtime.serving.server import check_port, import_pytriton, serve
 @click.option("--spacing", type=choice(SPACINGS), default=None,
               help="Default for requests without spacing (as ddpm-run --spacing).")
 @click.option("--eta", type=FINITE, default=None, help="Default DDIM eta of ddim requests without eta (0).")
+@click.option("--max-model-calls", type=POSITIVE, default=None,
+              help="Most model calls per image a request's chain may take (its steps); longer ones are refused. "
+              f"Default: {DEFAULT_MAX_CALLS}, or the default chain's when longer.")
 @click.option("--model-name", default=MODEL_NAME, show_default=True, help="Name clients address.")
 @click.option("--verbose", is_flag=True, help="Triton's and PyTriton's logs.")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write Triton's log there instead of stdout (PyTriton keeps a copy of stdout logs in memory).")
 def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, max_batch: int | None,
         queue_delay_us: int, provider: str, precision: str, threads: int, sampler: str | None, steps: str | None,
-        spacing: str | None, eta: float | None, model_name: str, verbose: bool, log_file: Path | None,
-        source_options: dict[str, Any]) -> None:
+        spacing: str | None, eta: float | None, max_model_calls: int | None, model_name: str, verbose: bool,
+        log_file: Path | None, source_options: dict[str, Any]) -> None:
     """Serve MODEL (.onnx, .plan or .pt) on Triton; stop with Ctrl-C or SIGTERM."""
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for flag, port in ports.items():
@@ -55,18 +58,17 @@ def cli(model: Path, host: str, http_port: int, grpc_port: int, metrics_port: in
         check_port(host, port, flag)
     if queue_delay_us < 0:
         raise DDPMError(f"--queue-delay-us must be >= 0, got {queue_delay_us}")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", model_name):
+        raise DDPMError(f"--model-name {model_name!r}: use letters, digits, '.', '_' and '-' (not first '.')")
     if log_file is not None and not log_file.parent.is_dir():
         raise DDPMError(f"--log-file {log_file}: folder {log_file.parent} does not exist; create it first")
     import_pytriton()  # a missing extra is reported before the model is loaded
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
-    backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
-    lo, hi = backend.batch_range
-    max_batch = max_batch if max_batch is not None else max(lo, min(64, hi))
-    if not lo <= max_batch <= hi:
-        raise DDPMError(f"--max-batch must lie in {lo}..{hi} for this model, got {max_batch}")
-    sampler_fn = Sampler(backend, sampler or default_sampler(backend.info.kind), steps, spacing, eta)
-    serve(backend, sampler_fn, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-          max_batch=max_batch, queue_delay_us=queue_delay_us, model_name=model_name,
+    config, summary = model_config(
+        model, source_options, provider=provider, precision=precision, threads=threads, sampler=sampler,
+        steps=steps, spacing=spacing, eta=eta, max_model_calls=max_model_calls, max_batch=max_batch,
+        queue_delay_us=queue_delay_us, model_name=model_name)
+    serve(config, summary, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
           log_verbose=1 if verbose else 0, log_file=log_file)
 
 

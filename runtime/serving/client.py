@@ -6,7 +6,6 @@ thread: tritonclient's clients are not thread-safe.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,11 +32,6 @@ def _tritonclient(protocol: str) -> tuple[Any, Any]:
     return module, utils
 
 
-def server_message(text: str) -> str:
-    """The useful line of a Triton error: our DDPMError's message when the model raised one, else the first line
-    (PyTriton sends the whole traceback)."""
-    found = re.search(r"DDPMError: ([^\n]*)", text)
-    return found.group(1).strip() if found else (text.strip().splitlines() or [""])[0]
 
 
 class ImageClient:
@@ -102,7 +96,8 @@ class ImageClient:
         try:
             result = self.client.infer(self.model_name, inputs, outputs=outputs, **kwargs)
         except self.utils.InferenceServerException as exc:
-            raise DDPMError(f"server refused the request: {server_message(str(exc))}") from exc
+            line = (str(exc.message() or exc).strip().splitlines() or [""])[0]  # the server's one-line reason
+            raise DDPMError(f"server refused the request: {line}") from exc
         return result.as_numpy(OUTPUT)
 
     def batch_sizes(self) -> dict[int, int]:

@@ -1,9 +1,12 @@
-"""The `ddpm` Python-backend (BLS) model of a generated Triton repository; copied there as 1/model.py.
+"""The `ddpm` Python-backend model of ddpm-serve and of a generated Triton repository; copied there as 1/model.py.
 
-It imports the runtime modules copied beside it (`runtime.serving.triton_repo`) and uses the same request handling
-and sampling loop as `ddpm-serve` (`runtime.serving.sampler.Sampler`); each eps evaluation is a BLS call to the
-`ddpm_eps` model.
-Unlike PyTriton, the Python backend answers each request on its own, so a bad request fails only itself.
+It samples with the request handling and loop of `runtime.serving.sampler.Sampler`, around one of two backends: in a
+repository of `ddpm-export triton-repo`, each eps evaluation is a BLS call to the `ddpm_eps` model (and the runtime
+modules it imports are copied beside it); under ddpm-serve, the config's `source` parameter names the model, opened
+in this process with `runtime.backends.open_model`.
+
+Each request of a model batch is checked on its own and a bad one is answered alone with one line (INVALID_ARG: HTTP
+400, gRPC INVALID_ARGUMENT), so it never fails the good requests merged with it; those are then sampled together.
 """
 
 from __future__ import annotations
@@ -53,17 +56,29 @@ class BlsEps:
         return chain.stepper(self.eps)
 
 
+def _backend(params: dict[str, str], here: Path) -> Any:
+    """ddpm-serve's model opened here (`source` and how to open it), else the repository's BLS backend."""
+    if not params.get("source"):
+        return BlsEps(ModelInfo.from_metadata(json.loads((here / "model_info.json").read_text()), str(here)))
+    from runtime.backends import open_model
+
+    return open_model(params["source"], params["provider"], precision=params["precision"],
+                      threads=int(params["threads"]), **json.loads(params.get("source_options") or "{}"))
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        here = Path(__file__).resolve().parent
-        info = ModelInfo.from_metadata(json.loads((here / "model_info.json").read_text()), str(here))
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        eta = params.get("default_eta", "")
-        self.sampler = Sampler(BlsEps(info), params.get("default_sampler", "ddpm"), params.get("default_steps") or None,
-                               params.get("default_spacing") or None, float(eta) if eta else None)
+        eta, max_model_calls = params.get("default_eta", ""), params.get("max_model_calls", "")
+        backend = _backend(params, Path(__file__).resolve().parent)
+        self.sampler = Sampler(backend, params.get("default_sampler", "ddpm"), params.get("default_steps") or None,
+                               params.get("default_spacing") or None, float(eta) if eta else None,
+                               int(max_model_calls) if max_model_calls else None)
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request: a refusal for each bad one, the images of the others sampled together. Nothing
+        is raised into Triton, which would answer with a traceback."""
         valid, rows, responses = [], [], [None] * len(requests)
         for i, request in enumerate(requests):
             arrays = {name: tensor.as_numpy() for name in INPUT_NAMES
@@ -72,13 +87,22 @@ class TritonPythonModel:
                 rows.append(self.sampler.rows(arrays))
                 valid.append(i)
             except DDPMError as exc:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                responses[i] = _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Exception as exc:  # noqa: BLE001 (a request this code did not foresee fails alone)
+                responses[i] = _error(f"cannot read the request: {type(exc).__name__}: {exc}")
         try:
             images = self.sampler.run(rows) if rows else []
-        except DDPMError as exc:
+        except Exception as exc:  # noqa: BLE001 (the model failed: a broken graph, NaN weights, a lost eps model)
             images = []
             for i in valid:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                responses[i] = _error(f"sampling failed on the server: {exc}")
         for i, out in zip(valid, images):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, out)])
         return responses
+
+
+def _error(message: str, code: Any = None) -> Any:
+    """An error response of one line (INTERNAL unless `code` says otherwise)."""
+    line = (message.strip().splitlines() or [""])[0]
+    error = pb_utils.TritonError(line) if code is None else pb_utils.TritonError(line, code)
+    return pb_utils.InferenceResponse(error=error)

@@ -25,6 +25,7 @@ from runtime.errors import DDPMError
 from runtime.fileio import staged_folder
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo, external_data_path
 from runtime.sampling import DEFAULT_SAMPLER, Chain
+from runtime.serving.sampler import call_limit
 from runtime.serving.schema import INPUTS, MODEL_NAME, OUTPUT, TRITON_TYPES
 
 EPS_MODEL = "ddpm_eps"
@@ -88,13 +89,16 @@ def eps_config(info: ModelInfo, max_batch: int, platform: str, kind: str, instan
 
 
 def sampler_config(info: ModelInfo, max_batch: int, instances: int, queue_delay_us: int, sampler: str,
-                   steps: str | None, spacing: str | None, eta: float | None) -> dict[str, Any]:
-    """config.pbtxt fields of the Python (BLS) sampling model: ddpm-serve's request format."""
+                   steps: str | None, spacing: str | None, eta: float | None, max_model_calls: int | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """config.pbtxt fields of the Python sampling model (`triton_model.py`): ddpm-serve's request format; `extra`
+    parameters name the model ddpm-serve opens in place of BLS calls."""
     def tensor(name: str, kind: str, dims: list[int], optional: bool = False) -> dict[str, Any]:
         return {"name": name, "data_type": Enum(kind), "dims": dims, **({"optional": True} if optional else {})}
 
     params = {"default_sampler": sampler, "default_steps": steps or "", "default_spacing": spacing or "",
-              "default_eta": "" if eta is None else repr(float(eta))}  # "": the model's or sampler's default
+              "default_eta": "" if eta is None else repr(float(eta)),  # "": the model's or sampler's default
+              "max_model_calls": "" if max_model_calls is None else str(max_model_calls), **(extra or {})}
     return {
         "name": SAMPLER_MODEL,
         "backend": "python",
@@ -155,7 +159,8 @@ def copy_runtime(dest: Path) -> None:
 def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | None = None, kind: str = "gpu",
                      instances: int = 1, sampler_instances: int = 2, max_batch: int | None = None,
                      queue_delay_us: int = 2000, sampler: str = DEFAULT_SAMPLER, steps: str | None = None,
-                     spacing: str | None = None, eta: float | None = None, force: bool = False) -> dict[str, Path]:
+                     spacing: str | None = None, eta: float | None = None, max_model_calls: int | None = None,
+                     force: bool = False) -> dict[str, Path]:
     """Write the repository under `out` (built in a temp folder beside it, then renamed); returns its configs."""
     export_dir, out = Path(export_dir), Path(out)
     if kind not in KINDS:
@@ -176,11 +181,13 @@ def write_repository(export_dir: str | Path, out: str | Path, *, graph: str | No
     max_batch = limit if max_batch is None else max_batch
     if not 1 <= max_batch <= limit:
         raise DDPMError(f"max batch must lie in 1..{limit} for {source.name}, got {max_batch}")
-    Chain.build(info.diffusion, sampler, steps, eta, spacing=spacing)  # a bad default fails here, not in Triton
+    default = Chain.build(info.diffusion, sampler, steps, eta, spacing=spacing)  # a bad default fails here, not later
+    call_limit(len(default), max_model_calls)
     platform = "tensorrt_plan" if source.suffix == ".plan" else "onnxruntime_onnx"
     configs = {
         EPS_MODEL: eps_config(info, max_batch, platform, kind, instances, queue_delay_us),
-        SAMPLER_MODEL: sampler_config(info, max_batch, sampler_instances, queue_delay_us, sampler, steps, spacing, eta),
+        SAMPLER_MODEL: sampler_config(info, max_batch, sampler_instances, queue_delay_us, sampler, steps, spacing, eta,
+                                      max_model_calls),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(out) as staging:

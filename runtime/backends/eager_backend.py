@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import UNBOUNDED, EpsBackend
+from runtime.backends.base import UNBOUNDED, EpsBackend
 from runtime.errors import DDPMError
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends import UNBOUNDED, EpsBackend
+from runtime.backends.base import UNBOUNDED, EpsBackend
 from runtime.errors import DDPMError
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
 from runtime.sampling import Chain, Stepper

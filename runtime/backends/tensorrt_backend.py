@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import EpsBackend
+from runtime.backends.base import EpsBackend
 from runtime.engine_info import EngineInfo
 from runtime.errors import DDPMError
 

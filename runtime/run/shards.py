@@ -101,7 +101,8 @@ def _array_task(environ: Mapping[str, str]) -> tuple[int, int]:
     index, off = divmod(task - low, max(step, 1))
     if off or not 0 <= index < count or high != low + (count - 1) * step:
         raise DDPMError(f"job array task {task} of {count} (ids {low}..{high} step {step}) is not one of an evenly "
-                        f"spaced range; submit --array={low}-{low + count - 1} or pass {{opt:shard}} R/W")
+                        f"spaced range; submit it with `sbatch --array={low}-{low + count - 1}` or pass "
+                        "{opt:shard} R/W")
     return index, count
 
 

@@ -30,7 +30,7 @@ from ddpm_export.trt_support import tensorrt_readiness
 from ddpm_export.validate import Tolerances, failures, validate_export
 from runtime.engine_info import sidecar_path
 from runtime.errors import DDPMError
-from runtime.fileio import check_writable, clear_stale_temps, file_sha256, publish, temp_prefix
+from runtime.fileio import blocking_file, check_writable, clear_stale_temps, file_sha256, publish, temp_prefix
 from runtime.metadata import GRAPH_SUFFIXES, ModelInfo
 from runtime.progress import progress
 from runtime.resources import require_memory
@@ -77,6 +77,10 @@ def _prepare_out_dir(out_dir: Path, targets: dict[str, Path], force: bool) -> No
         raise DDPMError(f"{{opt:out_dir}} {out_dir} is a file; give a folder")
     if not out_dir.exists():
         if not out_dir.parent.is_dir():
+            blocker = blocking_file(out_dir.parent)
+            if blocker is not None:
+                raise DDPMError(f"cannot create {out_dir}: {blocker} is a file, not a folder; choose another "
+                                "{opt:out_dir}")
             raise DDPMError(f"cannot create {out_dir}: folder {out_dir.parent} does not exist; create it first")
         try:
             out_dir.mkdir()

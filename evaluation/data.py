@@ -7,12 +7,15 @@ python-format `test_batch`), which are imported lazily and need the eval extra.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from runtime.errors import DDPMError
 from runtime.images import DATASETS, pad_center, read_folder
+from runtime.resources import require_memory
+from runtime.run.shards import SampleFile
 
 
 def _train_data():  # type: ignore[no-untyped-def]
@@ -40,15 +43,13 @@ def cifar10_test(data_dir: Path) -> np.ndarray:
 
 
 def npz_images(path: Path) -> np.ndarray:
-    """arr_0 of an .npz (uint8 N x H x W x C) as N x C x H x W."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arr = f["arr_0"] if "arr_0" in f.files else None
-    except (OSError, ValueError) as exc:
-        raise DDPMError(f"{path} is not a readable .npz ({exc})") from None
-    if arr is None or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise DDPMError(f"{path} needs arr_0 as uint8 N x H x W x C (C = 1 or 3), the layout ddpm-run writes")
-    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+    """arr_0 of an .npz (uint8 N x H x W x C) as N x C x H x W; its header is checked (`SampleFile.open`) and its
+    size against the memory available before anything is read."""
+    file = SampleFile.open(path)
+    require_memory(2 * file.n * math.prod(file.image_shape), f"{path} ({file.n} images)",
+                   "pass fewer images (a smaller .npz)")
+    with np.load(path, allow_pickle=False) as f:
+        return np.ascontiguousarray(f["arr_0"].transpose(0, 3, 1, 2))
 
 
 def _to_shape(images: np.ndarray, image_shape: tuple[int, int, int], what: str) -> np.ndarray:

@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.errors import DDPMError
+from runtime.errors import DDPMError, NonFiniteError
+from runtime.finite import all_finite
 from runtime.progress import progress as progress_bar
 from runtime.sampling import EpsFn
 from runtime.sampling.noise import NoiseSource, SeededNoise
@@ -137,6 +138,9 @@ def bits_per_dim(eps_fn: EpsFn, x0: np.ndarray, schedule: Schedule, variance_typ
         x_t32 = x_t.astype(np.float32)  # what the model sees; the bound uses the same values
         x_t = x_t32.astype(np.float64)
         out = np.asarray(eps_fn(x_t32, np.full(n, schedule.timesteps[k], dtype=np.int64)), dtype=np.float64)
+        if not all_finite(out):  # a bound of NaN would be reported as a number
+            raise NonFiniteError(f"the model's output holds NaN or inf at t={schedule.timesteps[k]}: the model (NaN "
+                                 "weights?) is broken; nothing was written")
         vb[:, k], x0_pred = vb_term(x0, x_t, out, k, schedule, variance_type, clip)
         xstart_mse[:, k] = mean_flat((x0_pred - x0) ** 2)
         eps_back = (schedule.sqrt_recip_alphas_cumprod[k] * x_t - x0_pred) / schedule.sqrt_recipm1_alphas_cumprod[k]

@@ -194,7 +194,6 @@ def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: s
     grid, seed_list = parse_cells(cells, samplers, steps), parse_seeds(seeds)
     if n < 2:
         raise DDPMError(f"{{opt:n}} must be >= 2 for a Frechet distance, got {n}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     if batch_size is not None and not 1 <= batch_size <= backend.batch_range[1]:
         raise DDPMError(f"{{opt:batch_size}} must lie in 1..{backend.batch_range[1]} for this model, got {batch_size}")
@@ -203,6 +202,7 @@ def sweep(model: Path, ref: str, cells: tuple[str, ...], samplers: str, steps: s
     settings = {"model": str(model.resolve()), "ref": ref, "n": n, "seeds": seed_list, "spacing": spacing,
                 "backend": backend.description}
     results = Results(out_dir / "sweep.json", settings, force)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once everything is known good: a refused sweep leaves nothing
     for seed in seed_list:
         if results.find("floor", seed=seed) is None:
             results.add("floor", {"seed": seed, **score(real_digits(n, seed))})

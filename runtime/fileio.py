@@ -28,13 +28,22 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
         raise DDPMError(f"{path} already exists; pass {{opt:force}} to overwrite it or choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
+        blocker = blocking_file(parent)
+        if blocker is not None:
             raise DDPMError(f"cannot write {path}: {blocker} is a file, not a folder; choose another path")
         raise DDPMError(f"cannot write {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise DDPMError(f"cannot write {path}: folder {parent} is not writable; choose another path")
+    try:  # a real probe: os.access says yes to root where no one can write (/sys, a read-only mount)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError:
+        raise DDPMError(f"cannot write {path}: folder {parent} is not writable; choose another path") from None
     return path
+
+
+def blocking_file(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be a folder, if any (so that a message can
+    name it rather than call a folder missing)."""
+    found = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return found if found is not None and not found.is_dir() else None
 
 
 TEMP_TAG = ".ddpm-tmp-"

@@ -1,6 +1,6 @@
-"""A catalogue of bad, careless and hostile inputs through every entry point (issue 16).
+"""A catalogue of bad, careless and hostile inputs through every entry point (issues 16 and 25).
 
-One row per case: the tool (ddpm-train, ddpm-export, ddpm-run, the C++ host ddpm_sample), the kind of problem
+One row per case: the tool (ddpm-train, ddpm-export, ddpm-run, ddpm-eval, the C++ host ddpm_sample), the kind of problem
 (1: cannot fit, 2: non-finite, 3: an artifact that lies or an option out of range, 4: a careless option, 5: what
 a crash or another run left behind), the files to prepare, the arguments and the pattern of the one error line.
 Each case asserts: non-zero exit, exactly one error line matching the pattern, no traceback, no file left behind
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
 import pickle
 import re
 import struct
 import subprocess
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -28,6 +31,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from ddpm_export.cli import main as export_main  # noqa: E402
+from evaluation.cli import main as eval_main  # noqa: E402
 from runtime.run.cli import main as run_main  # noqa: E402
 from runtime.metadata import ModelInfo  # noqa: E402
 from runtime.sampling.schedule import DiffusionConfig  # noqa: E402
@@ -173,10 +177,63 @@ def edited_export(tmp: Path) -> None:
     (tmp / "exp" / "model.onnx").write_bytes(b"someone's file")
 
 
+def npz(arrays: dict[str, np.ndarray] | None = None, name: str = "d.npz", **more: Callable[[Path], None]) \
+        -> Callable[[Path], None]:
+    """`name` holding `arrays` (default: four uint8 8 x 8 grey images as arr_0), then the `more` preparations."""
+    def prep(tmp: Path) -> None:
+        np.savez(tmp / name, **(arrays if arrays is not None else {"arr_0": np.zeros((4, *SHAPE[1:], 1), np.uint8)}))
+        for other in more.values():
+            other(tmp)
+    return prep
+
+
+def npz_declaring_a_tib(tmp: Path) -> None:
+    """d.npz whose arr_0 header declares 1 TiB of uint8 images; the file itself is tiny."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                   "shape": (2**28, 64, 64, 1)})
+    with zipfile.ZipFile(tmp / "d.npz", "w") as z:
+        z.writestr("arr_0.npy", header.getvalue() + b"\0" * 64)
+
+
+def nll_reports(*seeds: int) -> Callable[[Path], None]:
+    """r<seed>.json: reports of `ddpm-eval nll --json` over the four images of d.npz with a one-node eps graph."""
+    def prep(tmp: Path) -> None:
+        npz()(tmp)
+        graph_model(tmp / "m.onnx")
+        for seed in seeds:
+            eval_main(["nll", str(tmp / "m.onnx"), "--data", str(tmp / "d.npz"), "--steps", "2", "--seed", str(seed),
+                       "--json", str(tmp / f"r{seed}.json"), "-q"])
+    return prep
+
+
+def torch_file(obj: object, name: str = "w.pth") -> Callable[[Path], None]:
+    def prep(tmp: Path) -> None:
+        torch.save(obj, tmp / name)
+    return prep
+
+
+def sweep_record(settings: dict[str, object]) -> Callable[[Path], None]:
+    def prep(tmp: Path) -> None:
+        (tmp / "sweep").mkdir()
+        (tmp / "sweep" / "sweep.json").write_text(json.dumps({"settings": settings, "cells": [], "floor": []}))
+    return prep
+
+
+def shards(*seeds: int, keep: tuple[int, ...] = (0, 1)) -> Callable[[Path], None]:
+    """Shards R of 2 (R in `keep`) of `ddpm-run --n 4` with a one-node eps graph; shard R uses seeds[R]."""
+    def prep(tmp: Path) -> None:
+        graph_model(tmp / "m.onnx")
+        for r in keep:
+            run_main([str(tmp / "m.onnx"), "--n", "4", "--batch-size", "2", "--sampler", "ddpm", "--steps", "2",
+                      "--seed", str(seeds[r]), "--shard", f"{r}/2", "--out", str(tmp / "s.npz"), "-q"])
+    return prep
+
+
 # ---------------------------------------------------------------- the catalogue
 
 class Case(NamedTuple):
-    tool: str  # train | export | run | cpp
+    tool: str  # train | export | run | eval | cpp
     kind: int
     argv: list[str]
     pattern: str
@@ -199,7 +256,14 @@ def C(kind: int, argv: str, pattern: str, prep: Callable | None = None) -> Case:
     return Case("cpp", kind, argv.split(), pattern, prep)
 
 
+def V(kind: int, argv: str, pattern: str, prep: Callable | None = None) -> Case:
+    return Case("eval", kind, argv.split(), pattern, prep)
+
+
 OUT = "--out {tmp}/s.npz --sampler ddpm --steps 2 --threads 1"
+NLL = "nll {eps} --data {tmp}/d.npz --steps 2 --threads 1"
+QUALITY = "quality {tmp}/s.npz --ref {tmp}/d.npz --inception-weights {tmp}/w.pth"
+FLOAT_NAN = {"arr_0": np.full((4, 8, 8, 1), np.nan, np.float32)}
 CASES: dict[str, Case] = {
     # ddpm-run
     "run-n-beyond-disk": R(1, "{eps} --n 10000000000 " + OUT, r"not enough disk space for 10000000000 images"),
@@ -249,6 +313,19 @@ CASES: dict[str, Case] = {
     "run-provider-unknown": R(4, "{eps} --provider tpu " + OUT, r"'tpu' is not one of"),
     "run-partial-of-other-run": R(5, "{eps} --n 10 --out {tmp}/s.npz --sampler ddpm --steps 2",
                                   r"holds an unfinished run with other settings", partial_of_other_run),
+    "run-shard-past-count": R(4, "{eps} --n 4 --shard 2/2 " + OUT, r"--shard 2/2: shard R of W needs 0 <= R < W"),
+    "run-shard-text": R(4, "{eps} --n 4 --shard half " + OUT, r"--shard 'half' is neither R/W"),
+    "run-model-folder-not-diffusers": R(3, "{tmp}/m --n 1 " + OUT, r"m has no config\.json; a diffusers model folder",
+                                        write("m/notes.txt")),
+    "run-hub-id-not-cached": R(4, "no-such-org/no-such-model --n 1 " + OUT,
+                               r"no-such-org/no-such-model is neither a local path nor a model in the Hugging Face"),
+    "run-merge-missing-shard": R(5, "merge {tmp}/s.shard0-of-2.npz --out {tmp}/m.npz",
+                                 r"1 of 2 shards are missing: 1/2 \(images 2\.\.3\); pass all 2 shard files",
+                                 shards(3, 3, keep=(0,))),
+    "run-merge-other-runs": R(5, "merge {tmp}/s.shard0-of-2.npz {tmp}/s.shard1-of-2.npz --out {tmp}/m.npz",
+                              r"come from different seeds: 3 vs 4", shards(3, 4)),
+    "run-merge-not-a-shard": R(3, "merge {tmp}/d.npz --out {tmp}/m.npz", r"d\.npz is not a shard \(it has no run_key\)",
+                               npz()),
     # ddpm-train
     "train-batch-beyond-memory": T(1, "--steps 1 --batch-size 1000000000000 --out {tmp}/c.pt",
                                    r"--batch-size 1000000000000 needs at least [\d.]+ TiB of memory"),
@@ -284,6 +361,8 @@ CASES: dict[str, Case] = {
     "train-out-not-pt": T(4, "--steps 1 --out {tmp}/c.bin", r"--out .*c\.bin would hold a PyTorch checkpoint.*\.pt"),
     "train-out-exists": T(4, "--steps 1 --out {tmp}/c.pt", r"c\.pt already exists; pass --force", write("c.pt")),
     "train-out-under-a-file": T(4, "--steps 1 --out {tmp}/f/c.pt", r"f is a file, not a folder", write("f")),
+    "train-out-is-a-folder": T(4, "--steps 1 --out {tmp}/d", r"--out .*d is a folder; give the checkpoint's file "
+                               "path, e.g. --out .*d/ckpt\.pt", write("d/x")),
     "train-steps-zero": T(4, "--steps 0 --out {tmp}/c.pt", r"--steps must be >= 1, got 0"),
     "train-dataset-unknown": T(4, "--steps 1 --dataset imagenet --out {tmp}/c.pt", r"unknown dataset 'imagenet'"),
     "train-data-dir-missing": T(4, "--steps 1 --dataset folder --data-dir {tmp}/none --out {tmp}/c.pt",
@@ -309,6 +388,82 @@ CASES: dict[str, Case] = {
     "export-outputs-exist": E(4, "{ckpt} --out-dir {tmp}/exp --no-validate",
                               r"exp already holds model\.onnx; pass --force", edited_export),
     "export-source-missing": E(4, "{tmp}/none.pt --out-dir {tmp}/exp", r"none\.pt"),
+    "export-out-dir-under-a-file": E(4, "{ckpt} --out-dir {tmp}/f/exp",
+                                     r"cannot create .*exp: .*f is a file, not a folder; choose another --out-dir",
+                                     write("f")),
+    "export-to-diffusers-out-exists": E(5, "to-diffusers {ckpt} --out {tmp}/d", r"d already exists", write("d/x")),
+    "export-to-diffusers-garbage": E(3, "to-diffusers {tmp}/x.pt --out {tmp}/d", r"x\.pt is not a ddpm-deploy "
+                                     "checkpoint", write("x.pt", b"text")),
+    "export-triton-max-calls-below-default": E(4, "triton-repo {export} --out {tmp}/repo --steps 20 "
+                                               "--max-model-calls 5", r"--max-model-calls 5 is below the 20 model "
+                                               "calls of the default chain"),
+    # ddpm-eval
+    "eval-npz-declares-a-TiB": V(1, NLL, r"d\.npz is not a readable samples \.npz with arr_0 \(arr_0 declares "
+                                 r"268435456 images, more than the file holds", npz_declaring_a_tib),
+    "eval-samples-declare-a-TiB": V(1, "quality {tmp}/d.npz --ref mnist", r"arr_0 declares 268435456 images",
+                                    npz_declaring_a_tib),
+    "eval-png-bomb": V(1, "nll {eps} --data folder --data-dir {tmp}/pics --steps 2",
+                       r"bomb\.png is too large to decode safely", folder_with("bomb.png", png_header(40000, 40000))),
+    "eval-mixes-beyond-model": V(1, "interpolate {onnx} --data {tmp}/d.npz --pairs 1 --mixes 9 --out {tmp}/i.png",
+                                 r"--mixes 9 exceeds this model's largest batch 4",
+                                 npz({"arr_0": np.zeros((2, 32, 32, 1), np.uint8)})),
+    "eval-model-outputs-nan": V(2, "nll {naneps} --data {tmp}/d.npz --steps 2 --json {tmp}/r.json",
+                                r"NaN or inf", npz()),
+    "eval-npz-nan": V(2, NLL, r"d\.npz needs arr_0 as uint8 N x H x W x C", npz(FLOAT_NAN)),
+    "eval-samples-nan": V(2, QUALITY, r"s\.npz needs arr_0 as uint8",
+                          npz(FLOAT_NAN, "s.npz", ref=npz(), weights=write("w.pth"))),
+    "eval-npz-float": V(3, NLL, r"d\.npz needs arr_0 as uint8", npz({"arr_0": np.zeros((4, 8, 8, 1), np.float32)})),
+    "eval-npz-3d": V(3, NLL, r"d\.npz needs arr_0 as uint8 N x H x W x C",
+                     npz({"arr_0": np.zeros((4, 8, 8), np.uint8)})),
+    "eval-npz-channels": V(3, NLL, r"3-channel images, the model takes 1 channels",
+                           npz({"arr_0": np.zeros((4, 8, 8, 3), np.uint8)})),
+    "eval-npz-larger-images": V(3, NLL, r"has 16 x 16 images, the model takes 8 x 8",
+                                npz({"arr_0": np.zeros((4, 16, 16, 1), np.uint8)})),
+    "eval-npz-no-arr0": V(3, NLL, r"d\.npz is not a readable samples \.npz with arr_0",
+                          npz({"images": np.zeros((4, 8, 8, 1), np.uint8)})),
+    "eval-npz-corrupt": V(3, NLL, r"d\.npz is not a readable samples \.npz", write("d.npz", b"PK\x03\x04 broken")),
+    "eval-inception-not-weights": V(3, QUALITY, r"w\.pth is not a loadable weights file",
+                                    npz(name="s.npz", ref=npz(), weights=write("w.pth", b"not weights"))),
+    "eval-inception-foreign-weights": V(3, QUALITY, r"w\.pth does not hold the FID Inception weights",
+                                        npz(name="s.npz", ref=npz(),
+                                            weights=torch_file({"fc.weight": torch.zeros(2)}))),
+    "eval-merge-not-a-report": V(3, "nll-merge {tmp}/a.json {tmp}/b.json", r"a\.json is not a report of ddpm-eval nll",
+                                 write("a.json", b'{"bits": 1}')),
+    "eval-data-missing": V(4, "nll {eps} --data {tmp}/none.npz --steps 2", r"data file .*none\.npz not found"),
+    "eval-data-unknown": V(4, "nll {eps} --data imagenet --steps 2", r"unknown data 'imagenet'"),
+    "eval-folder-without-dir": V(4, "nll {eps} --data folder --steps 2", r"--data folder needs --data-dir PATH"),
+    "eval-n-beyond-data": V(4, NLL + " --n 10", r"--n 10 is more than the 4 images of .*d\.npz; use --n 4 or less",
+                            npz()),
+    "eval-first-past-end": V(4, NLL + " --first 4", r"--first 4 skips all 4 images of .*d\.npz; use --first 3",
+                             npz()),
+    "eval-n-after-first": V(4, NLL + " --first 2 --n 3", r"--n 3 is more than the 2 images .* after the first 2",
+                            npz()),
+    "eval-json-unwritable": V(4, NLL + " --json /sys/ddpm-eval-report.json", r"cannot write /sys/ddpm-eval-report"
+                              r"\.json: folder /sys is not writable", npz()),
+    "eval-json-under-a-file": V(4, NLL + " --json {tmp}/f/r.json", r"f is a file, not a folder",
+                                npz(more=write("f"))),
+    "eval-json-is-a-folder": V(4, NLL + " --json {tmp}/r", r"r is a directory; give a file path",
+                               npz(more=write("r/x"))),
+    "eval-shard-without-json": V(4, NLL + " --shard 0/2", r"--shard needs --json", npz()),
+    "eval-json-exists": V(5, NLL + " --json {tmp}/r.json", r"r\.json already exists; pass --force",
+                          npz(more=write("r.json"))),
+    "eval-merge-other-evaluation": V(5, "nll-merge {tmp}/r0.json {tmp}/r1.json", r"r0\.json and .*r1\.json come "
+                                     r"from different evaluations \(seed differ\)", nll_reports(0, 1)),
+    "eval-merge-twice": V(5, "nll-merge {tmp}/r0.json {tmp}/r0.json", r"overlaps", nll_reports(0)),
+    "eval-sweep-other-model": V(5, "sweep {eps} --ref mnist --cell ddpm:2 --n 2 --seeds 0 --out-dir {tmp}/sweep",
+                                r"sweep\.json holds a sweep with other settings .*; pass --force to start over",
+                                sweep_record({"model": "/elsewhere/other.onnx", "ref": "mnist", "n": 2})),
+    "eval-sweep-record-corrupt": V(5, "sweep {eps} --ref mnist --cell ddpm:2 --n 2 --seeds 0 --out-dir {tmp}/sweep",
+                                   r"sweep\.json is not a sweep record; pass --force", write("sweep/sweep.json",
+                                                                                               b"{not json")),
+    "eval-sweep-model-missing": V(4, "sweep {tmp}/none.onnx --ref mnist --out-dir {tmp}/sweep",
+                                  r"none\.onnx not found"),
+    "eval-sweep-one-image": V(4, "sweep {eps} --ref mnist --n 1 --out-dir {tmp}/sweep", r"--n must be >= 2"),
+    "eval-sweep-bad-cell": V(4, "sweep {eps} --ref mnist --cell ddpm --out-dir {tmp}/sweep", r"bad --cell 'ddpm'; "
+                             "write SAMPLER:STEPS"),
+    "eval-interpolate-out-exists": V(5, "interpolate {onnx} --data {tmp}/d.npz --pairs 1 --mixes 2 "
+                                     "--out {tmp}/i.png", r"i\.png already exists; pass --force",
+                                     npz({"arr_0": np.zeros((2, 32, 32, 1), np.uint8)}, more=write("i.png"))),
     # the C++ host
     "cpp-n-beyond-range": C(1, "{step} --n 2000000 --out {tmp}/s.npy", r"--n expects an integer in \[1, 1048576\]"),
     "cpp-n-beyond-memory": C(1, "{bigstep} --n 1048576 --out {tmp}/s.npy",
@@ -354,7 +509,7 @@ def run_tool(tool: str, argv: list[str], capsys: pytest.CaptureFixture[str], bin
         assert binary is not None
         proc = subprocess.run([str(binary), *argv], capture_output=True, text=True, timeout=120)
         return proc.returncode, proc.stderr
-    main = {"train": train_main, "export": export_main, "run": run_main}[tool]
+    main = {"train": train_main, "export": export_main, "run": run_main, "eval": eval_main}[tool]
     try:
         main(argv)
         code = 0
@@ -398,10 +553,10 @@ def test_bad_input(name: str, art: dict[str, Path], tmp_path: Path, capsys: pyte
 
 def test_catalogue_covers_every_tool_and_kind() -> None:
     counts = {(c.tool, c.kind) for c in CASES.values()}
-    assert len(CASES) >= 60
-    assert {tool for tool, _ in counts} == {"train", "export", "run", "cpp"}
+    assert len(CASES) >= 100
+    assert {tool for tool, _ in counts} == {"train", "export", "run", "eval", "cpp"}
     assert {kind for _, kind in counts} == {1, 2, 3, 4, 5}
-    for tool in ("train", "run", "cpp"):
+    for tool in ("train", "run", "eval", "cpp"):
         assert {k for t, k in counts if t == tool} == {1, 2, 3, 4, 5}, tool
 
 

@@ -61,7 +61,7 @@ def test_unwritable_out_dir(tiny_checkpoint: Path, tmp_path: Path, capsys: pytes
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     code, _, err = _run([tiny_checkpoint, "--out-dir", blocker / "export"], capsys)
-    _assert_one_line_error(code, err, "does not exist")
+    _assert_one_line_error(code, err, "a_file is a file, not a folder")  # not "folder a_file does not exist"
     code, _, err = _run([tiny_checkpoint, "--out-dir", blocker], capsys)
     _assert_one_line_error(code, err, "is a file")
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from runtime.cli_common import CONTEXT, COUNT, FINITE, force_option, require_suffix, run_cli, seed_option
 from runtime.errors import DDPMError, NonFiniteError
-from runtime.fileio import check_writable
+from runtime.fileio import blocking_file, check_writable
 from runtime.resources import human, require_memory
 from runtime.sampling.schedule import DiffusionConfig, sampling_schedule
 from train.checkpoint import load_checkpoint, save_checkpoint
@@ -42,7 +42,7 @@ def make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        blocker = blocking_file(out.parent)
         if blocker is not None:
             raise DDPMError(f"cannot write {out}: {blocker} is a file, not a folder; choose another --out") from None
         raise DDPMError(f"cannot create folder {out.parent} for {out} ({exc.strerror}); choose another --out") \
@@ -129,6 +129,8 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
     """Train a DDPM eps-UNet (Ho et al. 2020) and write a checkpoint plus <out stem>.samples.png."""
     if steps < 1:
         raise DDPMError(f"--steps must be >= 1, got {steps}")
+    if out.is_dir():
+        raise DDPMError(f"--out {out} is a folder; give the checkpoint's file path, e.g. --out {out / 'ckpt.pt'}")
     require_suffix(out, (".pt",), "--out", "a PyTorch checkpoint that ddpm-export and ddpm-run recognise by")
     if preset not in PRESETS:
         raise DDPMError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import zipfile
@@ -202,6 +203,8 @@ class SampleFile:
         try:
             with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
                 shape, dtype = _header(f)
+                if math.prod(shape) * dtype.itemsize > zf.getinfo("arr_0.npy").file_size - f.tell():
+                    raise ValueError(f"arr_0 declares {shape[0]} images, more than the file holds; truncated?")
             with np.load(path, allow_pickle=False) as f:
                 key = json.loads(str(f["run_key"])) if "run_key" in f.files else None
                 indices = f["indices"] if "indices" in f.files else np.arange(shape[0] if shape else 0)

@@ -1,6 +1,6 @@
 """`ddpm-eval sweep`: what sample quality each sampler buys per model call, measured on one model.
 
-A cell is (sampler, steps): N images sampled with a seed, scored by the MNIST digit classifier of `train/quality.py`
+A cell is (sampler, steps): N images sampled with a seed, scored by the MNIST digit classifier of `evaluation/digit_quality.py`
 (Frechet distance in its hidden features against the 5,000 real digits, and the share labelled confidently). Each
 seed of each cell is saved to `sweep.json` as soon as it is done, so a long sweep that is stopped resumes where it
 stopped. The noise floor is the same score for N real digits (drawn per seed from the 5,000); the spread is the
@@ -167,7 +167,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 @click.command(context_settings=CONTEXT)
 @model_argument
 @click.option("--ref", type=click.Choice(["mnist"]), required=True,
-              help="Reference data and scorer: mnist (the digit classifier of train/quality.py).")
+              help="Reference data and scorer: mnist (the digit classifier of evaluation/digit_quality.py).")
 @click.option("--cell", "cells", multiple=True, help="SAMPLER:STEPS to run, repeatable, in this order (default: "
               "every --samplers at every --steps).")
 @click.option("--samplers", default=",".join(SWEEP_SAMPLERS), show_default=True)

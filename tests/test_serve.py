@@ -273,6 +273,28 @@ def test_missing_extra_is_one_line_error(tiny_export_dir, monkeypatch, capsys):
     assert exc.value.code == 2 and err == ["error: ddpm-serve needs PyTriton: pip install 'ddpm-deploy[serve]'"]
 
 
+@pytest.mark.slow
+def test_model_triton_cannot_load_is_one_line(tiny_export_dir):
+    """Checked here, the model is opened again in Triton's model process; when that fails, Triton's reason comes
+    back as one DDPMError line within seconds, not a PyTriton timeout."""
+    pytest.importorskip("pytriton", reason="needs the serve extra: pip install 'ddpm-deploy[serve]'")
+    from runtime.serving.server import model_config, serve
+
+    config, summary = model_config(tiny_export_dir / "model.onnx", {}, provider="cpu", precision="auto", threads=1,
+                                   sampler=None, steps=str(STEPS), spacing=None, eta=None, max_model_calls=None,
+                                   max_batch=None, queue_delay_us=100, model_name="ddpm")
+    assert {"key": "source", "value": {"string_value": str(tiny_export_dir / "model.onnx")}} in config["parameters"]
+    gone = str(tiny_export_dir / "moved-away.onnx")
+    config["parameters"] = [{"key": p["key"], "value": {"string_value": gone}} if p["key"] == "source" else p
+                            for p in config["parameters"]]
+    http, grpc, metrics = free_ports(3)
+    start = time.monotonic()
+    with pytest.raises(DDPMError, match=r"Triton could not load the model: .*moved-away\.onnx not found$"):
+        serve(config, summary, host="127.0.0.1", http_port=http, grpc_port=grpc, metrics_port=metrics)
+    assert time.monotonic() - start < 60
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handlers are back
+
+
 def test_busy_port_is_one_line_error(tiny_export_dir, capsys):
     """A port already in use is refused before Triton starts (Triton would exit and leave PyTriton waiting)."""
     from runtime.serving.cli import main

@@ -2,8 +2,8 @@
 
 A request holds one row per image it wants: `seed` and `index` (INT64), and optional chain options `sampler`,
 `steps`, `spacing` (BYTES) and `eta` (FP64) that default to the server's options. The answer is `image`, float32
-[C, H, W] per row in model space: image `index` of `ddpm-run --seed seed` with the same chain. The PyTriton server,
-the Triton repository writer and the client all derive their tensors from `INPUTS` and `OUTPUT`.
+[C, H, W] per row in model space: image `index` of `ddpm-run --seed seed` with the same chain. ddpm-serve, the
+Triton repository writer and the client all derive their tensors from `INPUTS` and `OUTPUT`.
 """
 
 from __future__ import annotations

@@ -65,9 +65,10 @@ def model_config(model: Path, source_options: dict[str, Any], *, provider: str, 
                  max_model_calls: int | None, max_batch: int | None, queue_delay_us: int,
                  model_name: str) -> tuple[dict[str, Any], str]:
     """Open and check the model and the default chain (`sampler` None: the model kind's) here, so that a mistake is
-    one line before Triton starts; return the served model's config.pbtxt fields and a one-line summary. The model is opened again in Triton's
-    model process; this copy is released on return."""
-    source_options = {k: str(Path(v).resolve()) if k == "scheduler_config" else v for k, v in source_options.items()}
+    one line before Triton starts; return the served model's config.pbtxt fields and a one-line summary. The model
+    is opened again in Triton's model process (another working folder: files are named by absolute paths); this copy
+    is released on return."""
+    source_options = {k: str(Path(v).resolve()) if os.path.isfile(v) else v for k, v in source_options.items()}
     backend = open_model(model, provider, precision=precision, threads=threads, **source_options)
     lo, hi = backend.batch_range
     max_batch = max_batch if max_batch is not None else max(lo, min(64, hi))
@@ -95,10 +96,8 @@ def _load_failure(host: str, port: int, model_name: str, token: str) -> str | No
             return None
     except (urllib.error.URLError, OSError):
         pass
-    import pytriton.triton
-
     index = urllib.request.Request(f"{url}/repository/index", data=b"{}", method="POST",
-                                   headers={pytriton.triton.TRITON_ACCESS_HEADER: token})
+                                   headers={import_pytriton().TRITON_ACCESS_HEADER: token})
     try:
         with urllib.request.urlopen(index, timeout=10) as answer:
             reasons = [m.get("reason", "") for m in json.loads(answer.read()) if m.get("name") == model_name]
@@ -111,6 +110,8 @@ def serve(config: dict[str, Any], summary: str, *, host: str, http_port: int, gr
           log_verbose: int = 0, log_file: Path | None = None) -> None:
     """Start Triton on a repository holding the model of `config`, block until SIGINT/SIGTERM, then stop Triton."""
     triton = import_pytriton()
+    from pytriton.client.exceptions import PyTritonClientError
+
     _environment_for_triton()
     name = config["name"]
     with tempfile.TemporaryDirectory(prefix="ddpm-serve-") as repo:
@@ -129,8 +130,8 @@ def serve(config: dict[str, Any], summary: str, *, host: str, http_port: int, gr
         def stop(signum: int, _frame: Any) -> None:
             raise KeyboardInterrupt  # Triton.serve() stops the server on it
 
-        for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (`cmd &` in a script)
-            signal.signal(signum, stop)
+        # Also when started with SIGINT ignored (`cmd &` in a script); the caller's handlers come back on return.
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             with triton.Triton(config=server_config, security_config=security) as server:
                 # Triton runs on when the model does not load (exit_on_error off), so that it can say why.
@@ -141,5 +142,8 @@ def serve(config: dict[str, Any], summary: str, *, host: str, http_port: int, gr
                       f"/v2/models/{name}/ready, metrics: http://{host}:{metrics_port}/metrics", file=sys.stderr,
                       flush=True)
                 server.serve()
-        except TimeoutError:  # PyTriton gave up waiting for Triton
+        except (TimeoutError, PyTritonClientError):  # PyTriton gave up waiting for Triton to start
             raise DDPMError("Triton did not start; run again with {opt:verbose} to see its log") from None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

@@ -72,6 +72,10 @@ def export_cmd(model: Path, out_dir: Path | None, fp16: bool, step_graph: bool, 
         default_dir = Path(f"{hub.export_name(model)}-export")
     else:
         default_dir = model.parent / f"{model.name}-export" if model.is_dir() else model.parent / "export"
+    if fuse:
+        from ddpm_export.fuse import check_fused_outputs
+
+        check_fused_outputs(out_dir or default_dir, force)
     written = export_all(source, out_dir or default_dir, fp16=fp16, step_graph=step_graph,
                          max_batch=max_batch, opset=opset, validate=validate, engine=engine, force=force,
                          min_batch=min_batch, opt_batch=opt_batch)

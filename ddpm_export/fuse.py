@@ -70,6 +70,22 @@ def fuse_graph(fp32_path: Path) -> onnx.ModelProto:
     return set_metadata(half, dataclasses.replace(info, precision="fp16", extra=extra))
 
 
+FUSED_FILES = tuple("model" + GRAPH_SUFFIXES[(kind, "fp16")] for kind in ("eps", "step")) + ("validation.json",)
+
+
+def check_fused_outputs(export_dir: Path, force: bool) -> None:
+    """Refuse, before the export runs, a `fused` that is not a folder and fused outputs that would be overwritten
+    unasked."""
+    out = Path(export_dir) / FUSED_DIR
+    if out.exists() and not out.is_dir():
+        raise DDPMError(f"{out} is a file, where the fused graphs' folder goes; move it or choose another "
+                        "{opt:out_dir}")
+    existing = [name for name in FUSED_FILES if (out / name).exists()]
+    if existing and not force:
+        raise DDPMError(f"{out} already holds {', '.join(existing)}; pass {{opt:force}} to overwrite or choose "
+                        "another {opt:out_dir}")
+
+
 def fuse_export(export_dir: Path, *, validate: bool = True, max_batch: int = 4) -> dict[str, Path]:
     """Write the fused FP16 eps (and step, where the export has one) graphs into `<export_dir>/fused/` and, with
     `validate`, their report; returns what was written."""

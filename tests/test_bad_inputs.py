@@ -362,7 +362,7 @@ CASES: dict[str, Case] = {
     "train-out-exists": T(4, "--steps 1 --out {tmp}/c.pt", r"c\.pt already exists; pass --force", write("c.pt")),
     "train-out-under-a-file": T(4, "--steps 1 --out {tmp}/f/c.pt", r"f is a file, not a folder", write("f")),
     "train-out-is-a-folder": T(4, "--steps 1 --out {tmp}/d", r"--out .*d is a folder; give the checkpoint's file "
-                               "path, e.g. --out .*d/ckpt\.pt", write("d/x")),
+                               r"path, e.g. --out .*d/ckpt\.pt", write("d/x")),
     "train-steps-zero": T(4, "--steps 0 --out {tmp}/c.pt", r"--steps must be >= 1, got 0"),
     "train-dataset-unknown": T(4, "--steps 1 --dataset imagenet --out {tmp}/c.pt", r"unknown dataset 'imagenet'"),
     "train-data-dir-missing": T(4, "--steps 1 --dataset folder --data-dir {tmp}/none --out {tmp}/c.pt",
@@ -391,6 +391,11 @@ CASES: dict[str, Case] = {
     "export-out-dir-under-a-file": E(4, "{ckpt} --out-dir {tmp}/f/exp",
                                      r"cannot create .*exp: .*f is a file, not a folder; choose another --out-dir",
                                      write("f")),
+    "export-fused-is-a-file": E(4, "{ckpt} --out-dir {tmp}/exp --fuse --no-validate",
+                                r"exp/fused is a file, where the fused graphs' folder goes", write("exp/fused")),
+    "export-fused-outputs-exist": E(5, "{ckpt} --out-dir {tmp}/exp --fuse --no-validate",
+                                    r"exp/fused already holds model\.fp16\.onnx; pass --force",
+                                    write("exp/fused/model.fp16.onnx")),
     "export-to-diffusers-out-exists": E(5, "to-diffusers {ckpt} --out {tmp}/d", r"d already exists", write("d/x")),
     "export-to-diffusers-garbage": E(3, "to-diffusers {tmp}/x.pt --out {tmp}/d", r"x\.pt is not a ddpm-deploy "
                                      "checkpoint", write("x.pt", b"text")),

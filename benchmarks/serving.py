@@ -4,10 +4,10 @@
     python -m benchmarks.serving MODEL [--steps 20] [--images-per-request 4] [--seconds 20] [--max-batch 64]
     python -m benchmarks.serving MODEL --isolation [--rounds 6] [--steps 8] [--max-batch 4]
 
-Offline throughput is `runtime.sampling.loop.sample` (what ddpm-run runs) at `--max-batch` images per model call, in this
-process, before the server starts and again after it stopped. Between the two, ddpm-serve runs on free loopback ports
-with the same model, chain and max batch, and each client thread sends requests of `--images-per-request` images back
-to back for `--seconds`. The isolation run sends, per round, 8 good one-image requests and 4 malformed ones at once
+Offline throughput is `runtime.sampling.loop.sample` (what ddpm-run runs) at `--max-batch` images per model call, in
+this process, before the server starts and again after it stopped. Between the two, ddpm-serve runs on free loopback
+ports with the same model, chain and max batch, and each client thread sends requests of `--images-per-request` images
+back to back for `--seconds`. The isolation run sends, per round, 8 good one-image requests and 4 malformed ones at once
 from 12 threads (HTTP and gRPC), and compares every image that comes back with `sample` (ddpm-run's function).
 """
 

@@ -126,7 +126,7 @@ def test_onnx_without_ddpm_metadata(tiny_export_dir, tmp_path, capsys):
     (["--n", "-3"], "-3 is not in the range x>=1"),
     (["--sampler", "ddpm", "--steps", "ddim999"], "cannot take exactly 999"),
     (["--steps", "1001"], "cannot take 1001 steps"),
-    (["--sampler", "ddpm", "--steps", "10,x"], "bad spacing"),
+    (["--sampler", "ddpm", "--steps", "10,x"], "bad --steps '10,x'"),
     (["--steps", "ddim50"], "ddimK and section counts respace --sampler ddpm or ddim"),
     (["--batch-size", "5"], "--batch-size must lie in 1..4"),
     (["--sampler", "euler"], "'euler' is not one of"),

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -228,7 +229,6 @@ def test_repository_serves_on_a_real_tritonserver(tiny_export_dir, tmp_path):
     pytest.importorskip("pytriton", reason="needs the serve extra")
     import signal
     import socket
-    import subprocess
     import sysconfig
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -332,3 +332,27 @@ def test_plan_is_served_with_its_profile(tiny_export_dir, tmp_path):
     sidecar(2)
     with pytest.raises(DDPMError, match="min-batch 1"):
         write_repository(export, tmp_path / "repo2")
+
+
+def test_the_copied_runtime_imports_alone_without_click_or_benchmarks(repo):
+    """The `ddpm` model imports only the modules copied beside it: in a fresh interpreter that cannot see this
+    checkout (editable-install finders removed) or import click and torch, request handling and the loop import."""
+    loop_dir = repo / "ddpm" / "1"
+    files = {p.relative_to(loop_dir).as_posix() for p in loop_dir.rglob("*.py")}
+    assert not any("bench" in f or f.endswith("cli.py") or "backends" in f for f in files), sorted(files)
+    assert not any("import click" in (loop_dir / f).read_text() for f in files)
+    script = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('click', 'torch', 'onnx', 'polygraphy'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(loop_dir)!r})\n"
+        "import runtime.serving.sampler, runtime.sampling\n"
+        f"assert runtime.__file__.startswith({str(loop_dir)!r}), runtime.__file__\n")
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=repo,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+

@@ -219,6 +219,7 @@ def train_command(ctx: click.Context, dataset: str, data_dir: Path | None, prese
     elif dist_info.is_main:
         click.echo(f"wrote {out}", err=True)
     if dist_info.world_size > 1:
+        dist.barrier()  # tear down together: a rank that leaves while rank 0 still writes can hang in gloo's teardown
         dist.destroy_process_group()
 
 

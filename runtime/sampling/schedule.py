@@ -184,7 +184,7 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
         try:
             want = int(spec[4:])
         except ValueError:
-            raise DDPMError(f"bad spacing {spec!r}; write e.g. ddim50") from None
+            raise DDPMError(f"bad {{opt:steps}} {spec!r}; write e.g. ddim50") from None
         for stride in range(1, T):
             if len(range(0, T, stride)) == want:
                 return list(range(0, T, stride))
@@ -192,7 +192,8 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
     try:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:
-        raise DDPMError(f"bad spacing {spec!r}; give a step count like 50, ddim50, or section counts like 10,15,20")
+        raise DDPMError(f"bad {{opt:steps}} {spec!r}; give a step count like 50, ddim50, or section counts "
+                        "like 10,15,20")
     size, extra = divmod(T, len(counts))
     kept: list[int] = []
     start = 0

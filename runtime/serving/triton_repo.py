@@ -32,8 +32,8 @@ EPS_MODEL = "ddpm_eps"
 SAMPLER_MODEL = MODEL_NAME
 RUNTIME = Path(__file__).resolve().parents[1]  # the runtime package
 # What the Python-backend model imports, and nothing else (no backends, commands or click).
-COPIED = ("errors.py", "finite.py", "resources.py", "fileio.py", "metadata.py", "sampling", "serving/schema.py",
-          "serving/sampler.py")
+COPIED = ("errors.py", "finite.py", "resources.py", "fileio.py", "metadata.py", "progress.py", "sampling",
+          "serving/schema.py", "serving/sampler.py")
 KINDS = ("gpu", "cpu")
 MODEL_PY = Path(__file__).with_name("triton_model.py")
 

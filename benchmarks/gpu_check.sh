@@ -26,7 +26,7 @@ want parity && timeout 120 python3 -c "import sys; sys.path.insert(0, 'benchmark
 want parity && timeout 90 python3 benchmarks/gpu_parity.py /tmp/gpu/bench/cifar10.pt /tmp/gpu/bench/export --n 8 2>&1 \
   | grep -v "plugin EP device\|cudnn_fe_call" | tee "$out/parity.txt"
 # The GPU tests.
-want pytest && timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_runtime_backends.py 2>&1 \
+want pytest && timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/runtime/test_runtime_backends.py 2>&1 \
   | tail -25 | tee "$out/pytest_gpu.txt"
 # FP16 vs FP32 on the quickstart MNIST model: 256 samples each on CUDA (default sampler), same seed.
 if want mnist && [ -f "$mnist/model.onnx" ]; then

@@ -33,3 +33,25 @@ def tiny_export_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("export")
     export_all(tiny_checkpoint, out, fp16=True, step_graph=True, max_batch=4, validate=True, engine=False)
     return out
+
+
+def cheap_model(path: Path, shape: tuple[int, int, int] = (1, 32, 32), metadata: bool = True) -> Path:
+    """An eps graph that costs nothing to run: eps = 0.5 * x_t, with a free batch dimension (and, unless told
+    otherwise, ddpm-deploy metadata)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.metadata import ModelInfo
+
+    x = helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["B", *shape])
+    t = helper.make_tensor_value_info("t", TensorProto.INT64, ["B"])
+    eps = helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", *shape])
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    graph = helper.make_graph([helper.make_node("Mul", ["x_t", "half"], ["eps"])], "cheap", [x, t], [eps], [half])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    info = ModelInfo(diffusion=DiffusionConfig(), image_shape=shape)
+    for key, value in (info.to_metadata() if metadata else {}).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return path

@@ -1,14 +1,16 @@
 """README.md is a short guide whose commands run as written.
 
 Every ```bash block runs, in order, with `bash -euo pipefail`, in a folder laid out like a checkout after the
-quickstart: small random models stand in for the trained checkpoint (runs/mnist/ckpt.pt), the downloaded diffusers
-folder (ddpm-cifar10-32/) and the improved-diffusion state dict (model.pt + flags.json). A block preceded by
+quickstart: small random models stand in for the trained checkpoints (runs/mnist/ckpt.pt, runs/cifar10/ckpt.pt), the
+downloaded diffusers folder (ddpm-cifar10-32/, also in a Hugging Face cache as google/ddpm-cifar10-32) and the
+improved-diffusion state dict (model.pt + flags.json). A block preceded by
 `<!-- not run in tests: REASON -->` is skipped (long runs, a GPU, a network, a server that runs until stopped); the
 reason must be given, and the scripts such a block runs with `bash` must exist.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -69,6 +71,15 @@ def named_outputs(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in OUTPUT_OPTIONS]
 
 
+def helpers_from(name: str):
+    """A test module of another folder of tests/, for its helpers (pytest puts only this file's folder on sys.path)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, next(REPO.glob(f"tests/**/{name}.py")))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 TEXT = README.read_text()
 BLOCKS = readme_blocks(TEXT)
 
@@ -108,12 +119,16 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from conftest import make_random_checkpoint
-    from test_source_diffusers import CIFAR10_32_SCHEDULER, TINY, make_unet, write_pipeline
+    diffusers = helpers_from("test_source_diffusers")
 
     root = tmp_path_factory.mktemp("checkout")
     (root / "runs" / "mnist").mkdir(parents=True)
     make_random_checkpoint(root / "runs" / "mnist" / "ckpt.pt", image_size=28)  # MNIST-sized, like the quickstart's
-    write_pipeline(root / "ddpm-cifar10-32", make_unet(TINY), CIFAR10_32_SCHEDULER)
+    (root / "runs" / "cifar10").mkdir()
+    make_random_checkpoint(root / "runs" / "cifar10" / "ckpt.pt", channels=3, image_size=32)
+    diffusers.write_pipeline(root / "ddpm-cifar10-32", diffusers.make_unet(diffusers.TINY),
+                             diffusers.CIFAR10_32_SCHEDULER)
+    diffusers._cache_with(root / "ddpm-cifar10-32", root / "hf-cache", "google/ddpm-cifar10-32")
     fixture = REPO / "tests" / "fixtures" / "improved_diffusion"
     torch.save(load_file(fixture / "model.safetensors"), root / "model.pt")
     shutil.copy(fixture / "flags.json", root / "flags.json")
@@ -124,7 +139,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_command_blocks_run_as_written(checkout: Path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHON=sys.executable, TQDM_DISABLE="1")
+               PYTHON=sys.executable, TQDM_DISABLE="1", HF_HUB_CACHE=str(checkout / "hf-cache"), HF_HUB_OFFLINE="1")
     runnable = [b for b in BLOCKS if b.lang == "bash" and b.skip is None]
     assert runnable, "README.md has no command block that runs"
     for block in runnable:

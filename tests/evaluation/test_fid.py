@@ -110,7 +110,7 @@ def test_quality_scores_shards_as_their_merged_file_and_caches_the_reference(wei
     about."""
     from evaluation.cli import main as ddpm_eval
     from runtime.run.cli import main as ddpm_run
-    from test_streaming import cheap_model
+    from conftest import cheap_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     torch.set_num_threads(1)

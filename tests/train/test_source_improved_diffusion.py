@@ -19,7 +19,7 @@ from train.improved_unet import ImprovedUNet  # noqa: E402
 from train.sources import load_source  # noqa: E402
 from train.sources.improved_diffusion_source import diffusion_config, load, parse_flags, unet_config  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "improved_diffusion"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "improved_diffusion"
 FLAGS = FIXTURES / "flags.json"
 GOLDEN = dict(np.load(FIXTURES / "golden.npz"))
 

@@ -139,7 +139,7 @@ def test_result_does_not_depend_on_the_batch_split() -> None:
     assert whole.summary()["bits_per_dim"] == pytest.approx(float(whole.total.mean()))
 
 
-FIXTURES = Path(__file__).parent / "fixtures" / "improved_diffusion"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "improved_diffusion"
 
 
 class _PerTimestepNoise:

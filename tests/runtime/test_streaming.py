@@ -18,35 +18,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import cheap_model
 from runtime.run.cli import main
-from runtime.metadata import ModelInfo
-from runtime.sampling.schedule import DiffusionConfig
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = (1, 32, 32)
 # Runs ddpm-run in a child and prints its peak RSS (KiB) last; the exit status is ddpm-run's.
 RSS_RUNNER = ("import resource, sys\nfrom runtime.run.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
               "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
-
-
-def cheap_model(path: Path, shape: tuple[int, int, int] = SHAPE, metadata: bool = True) -> Path:
-    """An eps graph that costs nothing to run: eps = 0.5 * x_t, with a free batch dimension (and, unless told
-    otherwise, ddpm-deploy metadata)."""
-    x = helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["B", *shape])
-    t = helper.make_tensor_value_info("t", TensorProto.INT64, ["B"])
-    eps = helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", *shape])
-    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
-    graph = helper.make_graph([helper.make_node("Mul", ["x_t", "half"], ["eps"])], "cheap", [x, t], [eps], [half])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    info = ModelInfo(diffusion=DiffusionConfig(), image_shape=shape)
-    for key, value in (info.to_metadata() if metadata else {}).items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import make_random_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMON = ["-n", 10, "--batch-size", 2, "--steps", 4, "--seed", 7, "--threads", 1, "--quiet"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from runtime.run.cli import main
 from runtime.sampling.noise import chain_noise
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: object) -> None:

@@ -110,7 +110,7 @@ def test_nll_bad_input_is_one_line(small_ckpt, data_npz, capsys, args, message):
 
 def test_nll_refuses_a_model_without_metadata(tmp_path, data_npz, capsys):
     pytest.importorskip("onnx")
-    from test_streaming import cheap_model
+    from conftest import cheap_model
 
     foreign = cheap_model(tmp_path / "foreign.onnx", (1, 8, 8), metadata=False)
     assert "has no ddpm-deploy metadata" in fail(capsys, "nll", foreign, "--data", data_npz)
@@ -202,7 +202,7 @@ def test_nll_of_the_learned_range_model_through_onnx_runtime(tmp_path):
     from train.sources import load_source
 
     torch.set_num_threads(1)
-    fixtures = Path(__file__).parent / "fixtures" / "improved_diffusion"
+    fixtures = Path(__file__).parents[1] / "fixtures" / "improved_diffusion"
     source = load_source(fixtures / "model.safetensors", flags=fixtures / "flags.json")
     files = export_all(source, tmp_path / "export", fp16=False, step_graph=False, max_batch=4, validate=False,
                        engine=False)

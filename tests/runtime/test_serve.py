@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,17 +140,20 @@ def test_concurrent_requests_are_exact_and_batched(server, tiny_export_dir, tmp_
     jobs = [(p, seed, idx, opts) for p in ("http", "grpc") for seed, idx, opts in
             ((3, [0, 5], {}), (3, [2], {}), (11, [1], {}), (3, [4], DDIM))]
     before = client(server).batch_sizes()
+    clients = [client(server, protocol) for protocol, *_ in jobs]  # connected first, so the requests start together
+    start = threading.Barrier(len(jobs))
 
-    def one(job):
-        protocol, seed, indices, options = job
-        c = client(server, protocol)
-        try:
-            return c.request([seed] * len(indices), indices, **options)
-        finally:
+    def one(i):
+        _, seed, indices, options = jobs[i]
+        start.wait()
+        return clients[i].request([seed] * len(indices), indices, **options)
+
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(one, range(len(jobs))))
+    finally:
+        for c in clients:
             c.close()
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(one, jobs))
     refs = {(3, False): reference(tiny_export_dir, tmp_path, 3, 6),
             (11, False): reference(tiny_export_dir, tmp_path, 11, 2),
             (3, True): reference(tiny_export_dir, tmp_path, 3, 6, "--sampler", "ddim", "--steps", "ddim8",

@@ -14,21 +14,13 @@ from typing import Any
 
 import click
 
-from runtime.cli_common import CONTEXT, FINITE, POSITIVE, force_option, model_argument, run_cli
+from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, DefaultCommandGroup, force_option, model_argument,
+                                run_cli)
 from runtime.sampling import DEFAULT_SAMPLER, DEFAULT_SOLVER_STEPS
 from runtime.serving.sampler import DEFAULT_MAX_CALLS
 
 
-class _ExportByDefault(click.Group):
-    """Route `ddpm-export SOURCE ...` to the `export` command while keeping `build-engine` a subcommand."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["export", *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_ExportByDefault, context_settings=CONTEXT)
+@click.group(cls=DefaultCommandGroup, default_command="export", context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-export")
 def cli() -> None:
     """Export a model (ddpm-train checkpoint, diffusers folder, improved-diffusion state dict) to ONNX (FP32, FP16,

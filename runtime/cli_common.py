@@ -48,30 +48,27 @@ def choice(values: tuple[str, ...]) -> click.Choice:
     return click.Choice(values, case_sensitive=False)
 
 
-def _option(*decls: str, **attrs: Any) -> Callable[[F], F]:
-    return click.option(*decls, **attrs)
-
-
 def provider_option(help: str = "ONNX Runtime / torch device (.plan files always run on their GPU).") \
         -> Callable[[F], F]:
-    return _option("--provider", type=choice(PROVIDERS), default="cpu", show_default=True, help=help)
+    return click.option("--provider", type=choice(PROVIDERS), default="cpu", show_default=True, help=help)
 
 
 def precision_option(f: F) -> F:
-    return _option("--precision", type=choice(PRECISIONS), default="auto", show_default=True,
+    return click.option("--precision", type=choice(PRECISIONS), default="auto", show_default=True,
                    help="auto: the FP16 graph on CUDA when it was exported, FP32 on CPU.")(f)
 
 
 def threads_option(f: F) -> F:
-    return _option("--threads", type=COUNT, default=0, show_default=True, help="CPU threads (0: library default).")(f)
+    return click.option("--threads", type=COUNT, default=0, show_default=True,
+                        help="CPU threads (0: library default).")(f)
 
 
 def seed_option(help: str = "Image i draws its noise from rng([seed, i]).", default: int = 0) -> Callable[[F], F]:
-    return _option("--seed", type=SEED, default=default, show_default=True, help=help)
+    return click.option("--seed", type=SEED, default=default, show_default=True, help=help)
 
 
 def force_option(help: str = "Overwrite existing output files.") -> Callable[[F], F]:
-    return _option("--force", is_flag=True, help=help)
+    return click.option("--force", is_flag=True, help=help)
 
 
 def backend_options(f: F) -> F:
@@ -97,6 +94,20 @@ def model_argument(f: F) -> F:
                            "(\"--image_size 32 --num_channels 128 ...\") or a JSON file; marks MODEL as an "
                            "improved-diffusion .pt.")(command)
     return click.argument("model", type=click.Path(path_type=Path))(command)  # type: ignore[return-value]
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument goes to its default command unless it names a subcommand: `ddpm-export SOURCE`
+    is `ddpm-export export SOURCE`, `ddpm-run MODEL` is `ddpm-run run MODEL`."""
+
+    def __init__(self, *args: Any, default_command: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
 
 
 def require_suffix(path: Path, suffixes: tuple[str, ...], flag: str, what: str) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import click
 
 from runtime.backends import open_model
-from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, backend_options, choice, force_option, model_argument,
-                                require_suffix, run_cli, seed_option)
+from runtime.cli_common import (CONTEXT, FINITE, POSITIVE, DefaultCommandGroup, backend_options, choice, force_option,
+                                model_argument, require_suffix, run_cli, seed_option)
 from runtime.errors import DDPMError, NonFiniteError
 from runtime.fileio import check_writable
 from runtime.images import check_grid_format, make_grid, save_picture, save_png, to_uint8
@@ -26,16 +26,7 @@ GRID_MAX = 256  # images shown by --grid
 PROGRESSIVE_ROWS = 8  # images shown by --progressive
 
 
-class _RunByDefault(click.Group):
-    """`ddpm-run MODEL ...` runs the `run` command; `ddpm-run merge ...` is the one other subcommand."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_RunByDefault, context_settings=CONTEXT)
+@click.group(cls=DefaultCommandGroup, default_command="run", context_settings=CONTEXT)
 @click.version_option(package_name="ddpm-deploy", prog_name="ddpm-run")
 def cli() -> None:
     """Sample images: `ddpm-run MODEL [OPTIONS]` (the run command, see `ddpm-run MODEL --help`); `ddpm-run merge
